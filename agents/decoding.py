@@ -1,0 +1,298 @@
+"""What happens at each generated token: temperature, optional constrained decoding, log-prob recording,
+and stopping as soon as the answer is complete.
+
+Hugging Face ``generate`` drives the loop (KV cache, left padding, and each family's position handling);
+this module plugs into it through one :class:`AnswerTracker` exposed as a logits processor and a
+stopping criterion. The tracker is the only place that sees the exact distribution each token was
+sampled from, so it records that token's log-probability and the distribution's entropy there, and
+remembers which tokens were allowed, so :meth:`agents.policy.VLMPolicy.evaluate` can rebuild the same
+distribution later.
+
+Constrained decoding (``constrained=True``) keeps thoughts free text but makes the rest of the answer
+exactly one legal action, so even an untrained model always acts validly:
+
+* ``"cot"`` answers: ``{"thoughts": "`` is forced; thoughts are free except that they can only end
+  with a quote that starts ``", "action": "<legal action>"}``; no backslash, control character or EOS
+  inside them; when the token budget runs low the ending is forced.
+* ``"action"`` answers: the answer is a legal action name followed by EOS.
+
+Constraints work on the text of tokens, never on token ids, so they hold for any tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+from envs.language import (
+    COT_ACTION_MARKER,
+    COT_ANSWER_PREFIX,
+    COT_ANSWER_SUFFIX,
+    PromptStyle,
+    answer_complete,
+)
+
+#: Marks a generated position whose distribution was the free-thoughts mask of its grammar.
+FREE = "free"
+
+
+class TokenPieces:
+    """The text each token adds when it follows other text, for every id of a tokenizer.
+
+    Decoding a token alone loses the leading space of SentencePiece tokens (``"▁hit"`` decodes to
+    ``"hit"``), so each piece is decoded after an anchor character and the anchor is cut off again.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+        anchor_text = tokenizer.decode(anchor)
+        vocab_size = len(tokenizer)
+        decoded = tokenizer.batch_decode([anchor + [i] for i in range(vocab_size)], skip_special_tokens=False)
+        special = set(tokenizer.all_special_ids)
+        self.vocab_size = vocab_size
+        self.pieces: list[str] = [text[len(anchor_text) :] for text in decoded]
+        self.eos_ids: list[int] = sorted(
+            {i for i in _as_list(tokenizer.eos_token_id)} | _extra_eos_ids(tokenizer)
+        )
+        self.by_piece: dict[str, list[int]] = {}
+        for token_id, piece in enumerate(self.pieces):
+            # Special tokens and partial UTF-8 bytes never spell out a constrained string.
+            if token_id in special or not piece or "\ufffd" in piece:
+                continue
+            self.by_piece.setdefault(piece, []).append(token_id)
+        self.special = special
+
+    def continuing(self, remainder: str) -> set[int]:
+        """Ids of the tokens whose piece is a non-empty prefix of ``remainder``."""
+        allowed: set[int] = set()
+        for end in range(1, len(remainder) + 1):
+            allowed.update(self.by_piece.get(remainder[:end], ()))
+        return allowed
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _extra_eos_ids(tokenizer) -> set[int]:
+    # Chat models end a turn with their own token (Qwen's <|im_end|>, Idefics3's <end_of_utterance>).
+    ids = set()
+    for token in ("<|im_end|>", "<end_of_utterance>", "<|eot_id|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
+            ids.add(token_id)
+    return ids
+
+
+class AnswerGrammar:
+    """The legal answers for one action set and prompt style, against one tokenizer."""
+
+    def __init__(self, pieces: TokenPieces, action_names: tuple[str, ...], style: PromptStyle) -> None:
+        self.pieces = pieces
+        self.style = style
+        if style == "cot":
+            self.endings = [COT_ACTION_MARKER + name + COT_ANSWER_SUFFIX for name in action_names]
+        else:
+            self.endings = list(action_names)
+        self.longest_ending = max(len(ending) for ending in self.endings)
+
+    @cached_property
+    def free_mask(self) -> torch.Tensor:
+        """Boolean ``(vocab,)`` of the tokens allowed while thoughts are free text."""
+        allowed = torch.ones(self.pieces.vocab_size, dtype=torch.bool)
+        for token_id, piece in enumerate(self.pieces.pieces):
+            if token_id in self.pieces.special or "\\" in piece or any(ord(ch) < 32 for ch in piece):
+                allowed[token_id] = False
+            elif '"' in piece:
+                tail = piece[piece.index('"') :]
+                allowed[token_id] = any(ending.startswith(tail) for ending in self.endings)
+        return allowed
+
+    def allowed(self, text: str, tokens_left: int) -> str | list[int] | None:
+        """What may come next after the answer ``text``: :data:`FREE`, a list of ids, or ``None`` (no rule
+        can help any more: the answer is already outside the grammar)."""
+        if self.style == "action":
+            return self._continue_ending(text, allow_eos=True)
+        if not text.startswith(COT_ANSWER_PREFIX):
+            if COT_ANSWER_PREFIX.startswith(text):
+                return sorted(self.pieces.continuing(COT_ANSWER_PREFIX[len(text) :]))
+            return None
+        thoughts = text[len(COT_ANSWER_PREFIX) :]
+        if '"' not in thoughts:
+            # Leave room to spell the longest ending one character per token.
+            if tokens_left <= self.longest_ending + 1:
+                return self._continue_ending("", allow_eos=False)
+            return FREE
+        return self._continue_ending(thoughts[thoughts.index('"') :], allow_eos=False)
+
+    def _continue_ending(self, tail: str, allow_eos: bool) -> list[int] | None:
+        allowed: set[int] = set()
+        matched = False
+        for ending in self.endings:
+            if ending.startswith(tail):
+                matched = True
+                allowed |= self.pieces.continuing(ending[len(tail) :])
+                if allow_eos and ending == tail:
+                    allowed.update(self.pieces.eos_ids)
+        if not matched:
+            return None
+        if not allowed:  # the answer is complete: only the end of the turn remains
+            allowed.update(self.pieces.eos_ids)
+        return sorted(allowed)
+
+
+@dataclass
+class RowRecord:
+    """What the tracker learned about one row of the batch."""
+
+    token_logprobs: list[float]
+    entropies: list[float]
+    constraints: list[str | list[int] | None]
+    length: int | None = None  # number of generated tokens that belong to the answer
+
+
+class AnswerTracker:
+    """Shared state of one batched ``generate`` call; see the module docstring.
+
+    Args:
+        tokenizer: The policy's tokenizer (to decode the growing answers).
+        prompt_length: Length of the padded prompt; generated tokens start there.
+        style: Prompt style of every row.
+        temperature: Sampling temperature (applied here, so ``generate`` runs at temperature 1).
+        grammars: One :class:`AnswerGrammar` per row for constrained decoding, or ``None``.
+        max_new_tokens: The generation budget (the constrained ending is forced before it runs out).
+        suppressed_ids: Tokens never sampled, constrained or not: the image/video placeholders, which the
+            model's forward requires to match the images it is given (``evaluate`` masks them too).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        prompt_length: int,
+        style: PromptStyle,
+        temperature: float,
+        grammars: list[AnswerGrammar] | None,
+        max_new_tokens: int,
+        eos_ids: list[int],
+        batch_size: int,
+        suppressed_ids: list[int] | tuple[int, ...] = (),
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+        self.style = style
+        self.temperature = temperature
+        self.grammars = grammars
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = set(eos_ids)
+        self.suppressed_ids = list(suppressed_ids)
+        self.rows = [RowRecord([], [], []) for _ in range(batch_size)]
+        self.texts = [""] * batch_size
+        self._previous_logprobs: torch.Tensor | None = None
+
+    # -- logits processor ---------------------------------------------------------------------------------
+    def process(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_length
+        self._record_chosen(input_ids)
+        scores = scores.float() / self.temperature
+        if self.suppressed_ids:
+            scores[:, self.suppressed_ids] = float("-inf")
+        if self.grammars is not None:
+            scores = self._constrain(scores, step)
+        logprobs = torch.log_softmax(scores, dim=-1)
+        entropy = -(logprobs.exp() * logprobs.nan_to_num(neginf=0.0)).sum(-1)
+        for row, record in enumerate(self.rows):
+            if record.length is None:
+                record.entropies.append(float(entropy[row]))
+        self._previous_logprobs = logprobs
+        return scores
+
+    def _constrain(self, scores: torch.Tensor, step: int) -> torch.Tensor:
+        tokens_left = self.max_new_tokens - step
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        for row, record in enumerate(self.rows):
+            if record.length is not None:
+                record_constraint = None
+            else:
+                record_constraint = self.grammars[row].allowed(self.texts[row], tokens_left)
+                record.constraints.append(record_constraint)
+            mask[row] = constraint_mask(record_constraint, self.grammars[row], scores.shape[-1], scores.device)
+        return scores.masked_fill(~mask, float("-inf"))
+
+    def _record_chosen(self, input_ids: torch.LongTensor) -> None:
+        """Store the log-prob of the token sampled from the previous step's distribution."""
+        if self._previous_logprobs is None:
+            return
+        chosen = input_ids[:, -1:]
+        values = self._previous_logprobs.gather(-1, chosen.to(self._previous_logprobs.device)).squeeze(-1)
+        for row, record in enumerate(self.rows):
+            if record.length is None or len(record.token_logprobs) < record.length:
+                record.token_logprobs.append(float(values[row]))
+        self._previous_logprobs = None
+
+    # -- stopping criterion ---------------------------------------------------------------------------------
+    def stop(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+        generated = input_ids[:, self.prompt_length :]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row, record in enumerate(self.rows):
+            if record.length is not None:
+                done[row] = True
+                continue
+            ids = generated[row].tolist()
+            self.texts[row] = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if ids[-1] in self.eos_ids or answer_complete(self.texts[row], self.style):
+                record.length = len(ids)
+                done[row] = True
+        return done
+
+    def finish(self, sequences: torch.LongTensor) -> list[RowRecord]:
+        """Close the books after ``generate`` returns ``sequences`` (prompt included)."""
+        self._record_chosen(sequences)
+        generated = sequences.shape[1] - self.prompt_length
+        for record in self.rows:
+            if record.length is None:  # ran out of tokens: the whole budget is the answer
+                record.length = generated
+            del record.token_logprobs[record.length :]
+            del record.entropies[record.length :]
+            del record.constraints[record.length :]
+        return self.rows
+
+
+def constraint_mask(
+    constraint: str | list[int] | None, grammar: AnswerGrammar | None, vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """Boolean ``(vocab,)`` of the tokens a recorded constraint allowed."""
+    if constraint is None:
+        return torch.ones(vocab_size, dtype=torch.bool, device=device)
+    if constraint == FREE:
+        mask = grammar.free_mask.to(device)
+        if mask.shape[0] < vocab_size:  # models often pad the vocabulary; padding rows are never legal
+            mask = torch.cat([mask, mask.new_zeros(vocab_size - mask.shape[0])])
+        return mask
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[torch.as_tensor(constraint, dtype=torch.long, device=device)] = True
+    return mask
+
+
+class TrackerLogits(LogitsProcessor):
+    """The tracker as a ``generate`` logits processor."""
+
+    def __init__(self, tracker: AnswerTracker) -> None:
+        self.tracker = tracker
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.tracker.process(input_ids, scores)
+
+
+class TrackerStop(StoppingCriteria):
+    """The tracker as a ``generate`` stopping criterion (per row)."""
+
+    def __init__(self, tracker: AnswerTracker) -> None:
+        self.tracker = tracker
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return self.tracker.stop(input_ids)

@@ -1,0 +1,616 @@
+"""The LVLM policy: observation -> prompt -> chain-of-thought + action, with the log-probs and values RL needs.
+
+Data flow of one step (``act``)::
+
+    {"image", "text"} + LanguageSpec --build_prompt + chat template--> prompt string
+    prompt + image --processor--> model inputs --generate (AnswerTracker)--> answer tokens
+    answer text --parse_action--> action | invalid(reason);  token offsets --> thought/action weights
+    last prompt token's hidden state --value head--> value
+
+Everything the update needs to recompute the same numbers is kept in each :class:`Completion`: the
+prompt string and the image (re-encoded by the same processor), the generated ids, the per-token
+weights and the constraints that were applied. ``evaluate`` rebuilds the sampling distribution from
+them, so log-probs from ``act`` and ``evaluate`` agree (tested to 1e-4 for every supported family).
+
+Sequence log-prob (RL4VLM, https://arxiv.org/abs/2405.10292, eq. 4): ``lambda * log p(thought tokens)
++ log p(action tokens)``. Action tokens are those whose text overlaps the action value the parser
+found; all other tokens (the thoughts, the JSON punctuation, EOS) are thought tokens. An answer with no
+recognisable action field (broken JSON, prose only) weights every token 1: the whole answer is what the
+environment's response is about, so it is credited in full.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+from agents.decoding import (
+    AnswerGrammar,
+    AnswerTracker,
+    TokenPieces,
+    TrackerLogits,
+    TrackerStop,
+    constraint_mask,
+)
+from agents.models import PRESETS, Family, load_model, resolve_dtype, seeded, tiny_chat_template
+from envs.language import PROMPT_STYLES, LanguageSpec, build_prompt, parse_action
+
+POLICY_FILE = "policy.json"
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+@dataclass
+class PolicyConfig:
+    """Options of :func:`load_policy`. Defaults follow RL4VLM where it published them."""
+
+    model: str = "tiny"
+    """Preset name, hub id or local directory of an image-text-to-text model."""
+    init_seed: int = 0
+    """Initialisation seed of a preset's random weights (ignored for pretrained models)."""
+    lora_rank: int = 8
+    """LoRA rank; 0 trains the language model's full weights instead (small models only). RL4VLM: 128."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by alpha / rank)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout. Keep 0 for RL: dropout makes ``evaluate`` differ from ``act`` (ratio != 1)."""
+    lora_target_modules: tuple[str, ...] | None = None
+    """Module-name suffixes to adapt (e.g. ``("q_proj", "v_proj")``); default: every linear layer of the
+    language model (RL4VLM: all linear layers)."""
+    train_vision_tower: bool = False
+    """Also adapt the vision tower's linear layers (and train the projector)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype. The value head always stays float32."""
+    device: str = "auto"
+    """``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``..."""
+    attn_implementation: str | None = None
+    """``"sdpa"``, ``"eager"``, ``"flash_attention_2"``; ``None`` lets transformers choose."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (large models)."""
+    temperature: float = 0.2
+    """Sampling temperature; log-probs are those of this distribution. RL4VLM: 0.2."""
+    max_new_tokens: int = 128
+    """Generation budget per answer; an answer cut by it is parsed as it stands."""
+    thought_weight: float = 0.5
+    """Lambda: weight of thought tokens in the sequence log-prob. RL4VLM: 0.5 (0.3-0.5 learn)."""
+    prompt_style: Literal["cot", "action"] = "cot"
+    """``"cot"``: JSON with thoughts and action; ``"action"``: the action name alone."""
+    constrained: bool = False
+    """Restrict the action part of the answer to legal action strings (thoughts stay free)."""
+    value_hidden_sizes: tuple[int, ...] = (1024, 512)
+    """Hidden layer sizes of the value head MLP (RL4VLM's value head is an MLP of this shape)."""
+
+    def __post_init__(self) -> None:
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (got {self.temperature}); use act(greedy=True) for argmax.")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}.")
+        if self.max_new_tokens < 4:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} cannot hold an answer; use at least 4.")
+        if not 0.0 <= self.thought_weight <= 1.0:
+            raise ValueError(f"thought_weight (lambda) must be in [0, 1], got {self.thought_weight}.")
+        resolve_dtype(self.dtype)
+        if self.lora_target_modules is not None:
+            self.lora_target_modules = tuple(self.lora_target_modules)
+        self.value_hidden_sizes = tuple(self.value_hidden_sizes)
+
+
+@dataclass
+class Completion:
+    """One answered observation, with everything needed to recompute its log-prob and value."""
+
+    prompt: str
+    """The full prompt string given to the processor (chat template applied)."""
+    image: np.ndarray
+    """The observation image, uint8 (H, W, 3)."""
+    action_names: tuple[str, ...]
+    """Legal actions at this step (the constrained grammar is rebuilt from them)."""
+    response_ids: torch.Tensor
+    """Generated token ids, 1-D, EOS included when the model produced it."""
+    token_weights: torch.Tensor
+    """Per-token weight in the sequence log-prob: ``thought_weight`` or 1."""
+    constraints: list[str | list[int] | None] | None
+    """Per generated token: which tokens were allowed (``None`` everywhere when unconstrained)."""
+    text: str
+    """The decoded answer."""
+    action: int | None
+    """Parsed action index, or ``None`` when the answer is invalid."""
+    reason: str | None
+    """Why the answer is invalid."""
+    logprob: float
+    """Weighted sequence log-prob under the sampling distribution."""
+    token_logprobs: torch.Tensor
+    """Per-token log-probs under the sampling distribution."""
+    entropy: float
+    """Mean per-token entropy of the sampling distribution."""
+    value: float
+    """Value head's estimate for the prompt."""
+
+    @property
+    def valid(self) -> bool:
+        return self.action is not None
+
+
+@dataclass
+class Evaluation:
+    """Recomputed quantities for a batch of completions (differentiable)."""
+
+    logprob: torch.Tensor  # (B,) weighted sequence log-prob
+    entropy: torch.Tensor  # (B,) mean per-token entropy
+    value: torch.Tensor  # (B,)
+    token_logprobs: torch.Tensor  # (B, R), zero where token_mask is False
+    token_mask: torch.Tensor  # (B, R)
+
+
+class ValueHead(nn.Module):
+    """MLP from the last prompt token's last-layer hidden state to a scalar value (RL4VLM)."""
+
+    def __init__(self, input_size: int, hidden_sizes: tuple[int, ...]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        size = input_size
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(size, hidden), nn.ReLU()]
+            size = hidden
+        layers.append(nn.Linear(size, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net(hidden.float()).squeeze(-1)
+
+
+def to_pil(image: Any) -> Image.Image:
+    """Any reasonable image (uint8 or [0, 1] float array, grey, RGBA, PIL) as an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1.0:
+            array = array * 255.0
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CHW -> HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3):
+        raise ValueError(f"Expected an image of shape (H, W), (H, W, C) or (C, H, W), got {array.shape}.")
+    return Image.fromarray(array).convert("RGB")
+
+
+def split_observations(observations: Any) -> tuple[list[np.ndarray], list[str]]:
+    """Images and step texts from a list of observations or a vector env's batched observation."""
+    if isinstance(observations, dict):
+        images = list(observations["image"])
+        texts = list(observations.get("text", [""] * len(images)))
+    else:
+        images = [obs["image"] for obs in observations]
+        texts = [obs.get("text", "") for obs in observations]
+    return images, [str(text) for text in texts]
+
+
+class VLMPolicy(nn.Module):
+    """A vision-language model acting as a policy. Build it with :func:`load_policy`."""
+
+    def __init__(self, model, processor, family: Family, config: PolicyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.family = family
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = model
+        self._decoder = model.get_decoder()
+        hidden_size = model.config.get_text_config().hidden_size
+        with seeded(config.init_seed):
+            self.value_head = ValueHead(hidden_size, config.value_hidden_sizes)
+        self._hidden: torch.Tensor | None = None
+        self._capture: str | None = None
+        self._decoder.register_forward_hook(self._keep_hidden)
+        self._pieces: TokenPieces | None = None
+        self._grammars: dict[tuple[tuple[str, ...], str], AnswerGrammar] = {}
+        self.chat_template = processor.chat_template or tiny_chat_template(family.image_placeholder)
+        # An image/video placeholder sampled into an answer makes the next forward fail ("Image features and
+        # image tokens do not match"): an untrained model samples one every ~1000 tokens. Never sample them.
+        self.suppressed_ids = sorted(
+            {
+                token_id
+                for key in ("image_token_id", "image_token_index", "video_token_id")
+                if isinstance(token_id := getattr(model.config, key, None), int) and token_id >= 0
+            }
+        )
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.net[0].weight.device
+
+    def _keep_hidden(self, module: nn.Module, args: Any, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if self._capture == "prefill":  # generate: the first call sees the whole prompt
+            self._hidden = hidden[:, -1]
+            self._capture = None
+        elif self._capture == "all":
+            self._hidden = hidden
+            self._capture = None
+
+    @property
+    def pieces(self) -> TokenPieces:
+        if self._pieces is None:
+            self._pieces = TokenPieces(self.tokenizer)
+        return self._pieces
+
+    def grammar(self, action_names: tuple[str, ...]) -> AnswerGrammar:
+        key = (action_names, self.config.prompt_style)
+        if key not in self._grammars:
+            self._grammars[key] = AnswerGrammar(self.pieces, action_names, self.config.prompt_style)
+        return self._grammars[key]
+
+    def prompt_text(self, spec: LanguageSpec, step_text: str) -> str:
+        """The full prompt string for one observation (chat template applied)."""
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "text", "text": build_prompt(spec, step_text, self.config.prompt_style)},
+                ],
+            }
+        ]
+        return self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, chat_template=self.chat_template
+        )
+
+    def encode(self, prompts: list[str], images: list[Any]) -> dict[str, torch.Tensor]:
+        """Processor inputs (left padded) for a batch of prompt strings and images."""
+        pil_images: list[Any] = [to_pil(image) for image in images]
+        if self.family.nested_images:
+            pil_images = [[image] for image in pil_images]
+        inputs = self.processor(text=prompts, images=pil_images, padding=True, return_tensors="pt")
+        dtype = next(self.model.parameters()).dtype
+        return {
+            key: value.to(self.device, dtype=dtype if value.is_floating_point() else None)
+            for key, value in inputs.items()
+        }
+
+    # -- acting -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(
+        self, observations: Any, spec: LanguageSpec | list[LanguageSpec], greedy: bool = False
+    ) -> list[Completion]:
+        """Answer a batch of observations in one batched ``generate``.
+
+        Args:
+            observations: A list of ``{"image", "text"}`` dicts, or a vector env's batched observation.
+            spec: The language spec of the environment (or one per observation).
+            greedy: Take the most likely token instead of sampling (log-probs stay those of the
+                temperature-scaled distribution).
+        """
+        images, texts = split_observations(observations)
+        specs = spec if isinstance(spec, list) else [spec] * len(images)
+        if len(specs) != len(images):
+            raise ValueError(f"Got {len(images)} observations but {len(specs)} language specs.")
+        prompts = [self.prompt_text(s, t) for s, t in zip(specs, texts)]
+        inputs = self.encode(prompts, images)
+        prompt_length = inputs["input_ids"].shape[1]
+        grammars = [self.grammar(s.action_names) for s in specs] if self.config.constrained else None
+        tracker = AnswerTracker(
+            self.tokenizer,
+            prompt_length,
+            self.config.prompt_style,
+            self.config.temperature,
+            grammars,
+            self.config.max_new_tokens,
+            self.pieces.eos_ids,
+            len(prompts),
+            suppressed_ids=self.suppressed_ids,
+        )
+        self._capture = "prefill"
+        try:
+            output = self.model.generate(
+                **inputs,
+                generation_config=self._generation_config(greedy),
+                logits_processor=LogitsProcessorList([TrackerLogits(tracker)]),
+                stopping_criteria=StoppingCriteriaList([TrackerStop(tracker)]),
+            )
+        finally:
+            self._capture = None
+        values = self.value_head(self._hidden).tolist()
+        sequences = output.sequences if hasattr(output, "sequences") else output
+        records = tracker.finish(sequences)
+        completions = []
+        for row, record in enumerate(records):
+            response = sequences[row, prompt_length : prompt_length + record.length].cpu()
+            text = self.tokenizer.decode(response, skip_special_tokens=True)
+            parsed = parse_action(text, specs[row], self.config.prompt_style)
+            weights = self.token_weights(response, parsed.action_span)
+            token_logprobs = torch.tensor(record.token_logprobs)
+            completions.append(
+                Completion(
+                    prompt=prompts[row],
+                    image=np.asarray(images[row]),
+                    action_names=specs[row].action_names,
+                    response_ids=response,
+                    token_weights=weights,
+                    constraints=record.constraints if grammars is not None else None,
+                    text=text,
+                    action=parsed.action,
+                    reason=parsed.reason,
+                    logprob=float((weights * token_logprobs).sum()),
+                    token_logprobs=token_logprobs,
+                    entropy=float(np.mean(record.entropies)) if record.entropies else 0.0,
+                    value=values[row],
+                )
+            )
+        return completions
+
+    @torch.no_grad()
+    def values(self, observations: Any, spec: LanguageSpec | list[LanguageSpec]) -> torch.Tensor:
+        """Value estimates without generating (one forward pass over the prompts), e.g. to bootstrap
+        from the final observation of a truncated episode. Equal to the ``value`` ``act`` reports."""
+        images, texts = split_observations(observations)
+        specs = spec if isinstance(spec, list) else [spec] * len(images)
+        inputs = self.encode([self.prompt_text(s, t) for s, t in zip(specs, texts)], images)
+        if self.family.rope_from_attention_mask:
+            inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        self._capture = "prefill"
+        try:
+            self.model(**inputs, use_cache=False, logits_to_keep=1)
+        finally:
+            self._capture = None
+        return self.value_head(self._hidden).cpu()
+
+    def _generation_config(self, greedy: bool) -> GenerationConfig:
+        # Every warper is switched off explicitly: a checkpoint's own generation_config (Qwen ships
+        # top_k=1, top_p=0.001) would otherwise change the distribution we sample from behind our back.
+        return GenerationConfig(
+            do_sample=not greedy,
+            temperature=1.0,  # applied by the AnswerTracker
+            top_k=0,
+            top_p=1.0,
+            min_p=None,
+            typical_p=1.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            max_new_tokens=self.config.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.pieces.eos_ids,
+            bos_token_id=self.tokenizer.bos_token_id,
+            return_dict_in_generate=True,
+        )
+
+    def token_weights(self, response_ids: torch.Tensor, action_span: tuple[int, int] | None) -> torch.Tensor:
+        """Per-token weights from text offsets: 1 for tokens overlapping the action span, lambda else."""
+        count = len(response_ids)
+        if action_span is None:
+            return torch.ones(count)
+        ends = token_end_offsets(self.tokenizer, response_ids.tolist())
+        start, end = action_span
+        weights = torch.full((count,), float(self.config.thought_weight))
+        previous = 0
+        for index, token_end in enumerate(ends):
+            if previous < end and token_end > start:
+                weights[index] = 1.0
+            previous = token_end
+        return weights
+
+    # -- evaluating ---------------------------------------------------------------------------------------
+    def evaluate(self, completions: list[Completion]) -> Evaluation:
+        """Recompute log-probs, entropy and values of stored completions, with gradients.
+
+        Call it on one micro-batch at a time and backpropagate before the next (see ``agents/ppo.py``).
+        """
+        inputs = self.encode([c.prompt for c in completions], [c.image for c in completions])
+        prompt_ids = inputs.pop("input_ids")
+        prompt_mask = inputs.pop("attention_mask")
+        prompt_length = prompt_ids.shape[1]
+        lengths = [len(c.response_ids) for c in completions]
+        longest = max(lengths)
+        pad = self.tokenizer.pad_token_id
+        response = torch.full((len(completions), longest), pad, dtype=torch.long)
+        token_mask = torch.zeros((len(completions), longest), dtype=torch.bool)
+        weights = torch.zeros((len(completions), longest))
+        for row, completion in enumerate(completions):
+            response[row, : lengths[row]] = completion.response_ids
+            token_mask[row, : lengths[row]] = True
+            weights[row, : lengths[row]] = completion.token_weights
+        response, token_mask, weights = (t.to(self.device) for t in (response, token_mask, weights))
+        input_ids = torch.cat([prompt_ids, response], dim=1)
+        attention_mask = torch.cat([prompt_mask, token_mask.long()], dim=1)
+        if "mm_token_type_ids" in inputs:  # Qwen2-VL marks image tokens; answer tokens are text (0)
+            inputs["mm_token_type_ids"] = torch.cat(
+                [inputs["mm_token_type_ids"], torch.zeros_like(response)], dim=1
+            )
+        if self.family.rope_from_attention_mask:
+            # The positions generate() used: padding does not advance them.
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            inputs["position_ids"] = position_ids
+        self._capture = "all"
+        try:
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                logits_to_keep=longest + 1,
+                **inputs,
+            )
+        finally:
+            self._capture = None
+        value = self.value_head(self._hidden[:, prompt_length - 1])
+        logits = output.logits[:, :-1].float() / self.config.temperature
+        if self.suppressed_ids:  # as in act (AnswerTracker)
+            logits[..., self.suppressed_ids] = float("-inf")
+        if completions[0].constraints is not None or any(c.constraints is not None for c in completions):
+            logits = logits.masked_fill(~self._constraint_masks(completions, logits.shape), float("-inf"))
+        logprobs = torch.log_softmax(logits, dim=-1)
+        token_logprobs = logprobs.gather(-1, response.unsqueeze(-1)).squeeze(-1).masked_fill(~token_mask, 0.0)
+        entropy_per_token = -(logprobs.exp() * logprobs.nan_to_num(neginf=0.0)).sum(-1)
+        counts = token_mask.sum(-1).clamp(min=1)
+        return Evaluation(
+            logprob=(weights * token_logprobs).sum(-1),
+            entropy=(entropy_per_token * token_mask).sum(-1) / counts,
+            value=value,
+            token_logprobs=token_logprobs,
+            token_mask=token_mask,
+        )
+
+    def _constraint_masks(self, completions: list[Completion], shape: torch.Size) -> torch.Tensor:
+        masks = torch.ones(shape, dtype=torch.bool, device=self.device)
+        for row, completion in enumerate(completions):
+            if completion.constraints is None:
+                continue
+            grammar = self.grammar(completion.action_names)
+            for position, constraint in enumerate(completion.constraints):
+                if constraint is not None:
+                    masks[row, position] = constraint_mask(constraint, grammar, shape[-1], self.device)
+        return masks
+
+    @torch.no_grad()
+    def reference_logprobs(self, completions: list[Completion]) -> Evaluation:
+        """Log-probs under the base model (LoRA switched off): the reference of a KL penalty."""
+        if not hasattr(self.model, "disable_adapter"):
+            raise ValueError("A reference policy needs LoRA (lora_rank > 0); full fine-tuning keeps no base copy.")
+        with self.model.disable_adapter():
+            return self.evaluate(completions)
+
+    # -- saving -------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Write the adapter (or full weights), the value head and the options to ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = asdict(self.config)
+        if self.config.lora_rank > 0:
+            self.model.save_pretrained(directory / "adapter")
+            base_model = self.model.get_base_model()
+        else:
+            base_model = self.model
+        if self.config.lora_rank == 0 or self.config.model in PRESETS:
+            # Presets and fully fine-tuned weights cannot be fetched by name: keep a copy beside the adapter.
+            base_model.save_pretrained(directory / "base")
+            self.processor.save_pretrained(directory / "base")
+            if self.processor.chat_template is None:
+                (directory / "base" / "chat_template.jinja").write_text(self.chat_template)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+        save_file(state, str(directory / VALUE_HEAD_FILE))
+        (directory / POLICY_FILE).write_text(json.dumps({"format": 1, "config": config}, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, **overrides: Any) -> VLMPolicy:
+        """Load a policy written by :meth:`save`; ``overrides`` change options (device, temperature...)."""
+        return load_policy(str(directory), **overrides)
+
+
+def token_end_offsets(tokenizer, ids: list[int]) -> list[int]:
+    """Character offset where each token's text ends in ``tokenizer.decode(ids)``.
+
+    Decoding prefixes handles every tokenizer (byte-level BPE, SentencePiece) and special tokens; a token
+    that completes a multi-byte character owns that character.
+    """
+    ends = []
+    longest = 0
+    for index in range(len(ids)):
+        longest = max(longest, len(tokenizer.decode(ids[: index + 1], skip_special_tokens=True).rstrip("\ufffd")))
+        ends.append(longest)
+    return ends
+
+
+def _linear_module_names(model, include_vision: bool) -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name.endswith("lm_head"):
+            continue
+        in_vision = any(part in name for part in ("vision", "visual", "multi_modal_projector", "connector", "merger"))
+        if in_vision and not include_vision:
+            continue
+        names.append(name)
+    return names
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use device='cpu' or 'auto'.")
+    return device
+
+
+def load_policy(name_or_path: str = "tiny", **options: Any) -> VLMPolicy:
+    """Build a policy from a preset, hub id, model directory, or a directory written by ``save``.
+
+    >>> policy = load_policy("tiny", prompt_style="action", constrained=True)
+    >>> import envs, gymnasium as gym
+    >>> env = gym.make("vlmrl/GridWorld-v0")
+    >>> observation, _ = env.reset(seed=0)
+    >>> [completion] = policy.act([observation], envs.get_language("vlmrl/GridWorld-v0"))
+    >>> completion.valid, completion.text in envs.get_language("vlmrl/GridWorld-v0").action_names
+    (True, True)
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    known = {f.name for f in fields(PolicyConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"Unknown policy option(s) {unknown}. Available: {', '.join(sorted(known))}.")
+    saved_file = Path(name_or_path) / POLICY_FILE
+    saved = json.loads(saved_file.read_text())["config"] if saved_file.exists() else None
+    if saved is not None:
+        config = PolicyConfig(**{**saved, **options})
+        directory = Path(name_or_path)
+        base = str(directory / "base") if (directory / "base").exists() else config.model
+    else:
+        config = PolicyConfig(**{**options, "model": name_or_path})
+        base = name_or_path
+    device = _resolve_device(config.device)
+    model, processor, family = load_model(
+        base, seed=config.init_seed, dtype=config.dtype, attn_implementation=config.attn_implementation
+    )
+    if config.lora_rank > 0:
+        if saved is not None and (Path(name_or_path) / "adapter").exists():
+            model = PeftModel.from_pretrained(model, str(Path(name_or_path) / "adapter"), is_trainable=True)
+        else:
+            targets = _linear_module_names(model, config.train_vision_tower)
+            if config.lora_target_modules is not None:
+                targets = [n for n in targets if n.split(".")[-1] in config.lora_target_modules]
+                if not targets:
+                    raise ValueError(
+                        f"lora_target_modules={config.lora_target_modules} matches no linear layer of {base}."
+                    )
+            lora = LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=targets,
+                bias="none",
+            )
+            model = get_peft_model(model, lora)
+    else:
+        for name, parameter in model.named_parameters():
+            in_vision = any(p in name for p in ("vision", "visual", "multi_modal_projector", "connector", "merger"))
+            parameter.requires_grad_(config.train_vision_tower or not in_vision)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    policy = VLMPolicy(model, processor, family, config)
+    if saved is not None and (Path(name_or_path) / VALUE_HEAD_FILE).exists():
+        from safetensors.torch import load_file
+
+        policy.value_head.load_state_dict(load_file(str(Path(name_or_path) / VALUE_HEAD_FILE)))
+    policy.model.eval()  # no dropout anywhere: act and evaluate must see the same function
+    return policy.to(device)
+
+
+__all__ = ["Completion", "Evaluation", "PolicyConfig", "VLMPolicy", "load_policy", "to_pil"]
