@@ -51,12 +51,15 @@ class TokenPieces:
         anchor_text = tokenizer.decode(anchor)
         vocab_size = len(tokenizer)
         decoded = tokenizer.batch_decode([anchor + [i] for i in range(vocab_size)], skip_special_tokens=False)
-        special = set(tokenizer.all_special_ids)
+        # all_special_ids misses added special tokens that have no named role (Idefics3's <row_1_col_1>, the
+        # tiny presets' <end_of_utterance>, which is also an EOS): they too are never part of an answer's text.
+        added_special = {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
         self.vocab_size = vocab_size
         self.pieces: list[str] = [text[len(anchor_text) :] for text in decoded]
         self.eos_ids: list[int] = sorted(
             {i for i in _as_list(tokenizer.eos_token_id)} | _extra_eos_ids(tokenizer)
         )
+        special = set(tokenizer.all_special_ids) | added_special | set(self.eos_ids)
         self.by_piece: dict[str, list[int]] = {}
         for token_id, piece in enumerate(self.pieces):
             # Special tokens and partial UTF-8 bytes never spell out a constrained string.
@@ -100,6 +103,8 @@ class AnswerGrammar:
         else:
             self.endings = list(action_names)
         self.longest_ending = max(len(ending) for ending in self.endings)
+        # Worst case, a tokenizer spells a forced string one character per token (plus the final EOS).
+        self.min_new_tokens = self.longest_ending + 1 + (len(COT_ANSWER_PREFIX) if style == "cot" else 0)
 
     @cached_property
     def free_mask(self) -> torch.Tensor:

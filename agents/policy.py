@@ -54,7 +54,8 @@ class PolicyConfig:
     model: str = "tiny"
     """Preset name, hub id or local directory of an image-text-to-text model."""
     init_seed: int = 0
-    """Initialisation seed of a preset's random weights (ignored for pretrained models)."""
+    """Initialisation seed of a preset's random weights (unused for pretrained ones), of the LoRA adapter and
+    of the value head."""
     lora_rank: int = 8
     """LoRA rank; 0 trains the language model's full weights instead (small models only). RL4VLM: 128."""
     lora_alpha: int = 16
@@ -304,6 +305,13 @@ class VLMPolicy(nn.Module):
         inputs = self.encode(prompts, images)
         prompt_length = inputs["input_ids"].shape[1]
         grammars = [self.grammar(s.action_names) for s in specs] if self.config.constrained else None
+        if grammars is not None:
+            needed = max(grammar.min_new_tokens for grammar in grammars)
+            if self.config.max_new_tokens < needed:
+                raise ValueError(
+                    f"max_new_tokens={self.config.max_new_tokens} may be too few to spell a legal answer under "
+                    f"constrained decoding; these actions need at least {needed}."
+                )
         tracker = AnswerTracker(
             self.tokenizer,
             prompt_length,
@@ -491,14 +499,23 @@ class VLMPolicy(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = asdict(self.config)
+        base_state = None
         if self.config.lora_rank > 0:
             self.model.save_pretrained(directory / "adapter")
             base_model = self.model.get_base_model()
+            # PEFT wrapped the base model's linear layers in place (q_proj.weight is now
+            # q_proj.base_layer.weight, beside lora_A/lora_B): save the base weights under their own names,
+            # or loading the copy would re-initialise every adapted layer at random.
+            base_state = {
+                key.replace(".base_layer.", "."): value
+                for key, value in base_model.state_dict().items()
+                if "lora_" not in key
+            }
         else:
             base_model = self.model
         if self.config.lora_rank == 0 or self.config.model in PRESETS:
             # Presets and fully fine-tuned weights cannot be fetched by name: keep a copy beside the adapter.
-            base_model.save_pretrained(directory / "base")
+            base_model.save_pretrained(directory / "base", state_dict=base_state)
             self.processor.save_pretrained(directory / "base")
             if self.processor.chat_template is None:
                 (directory / "base" / "chat_template.jinja").write_text(self.chat_template)
@@ -595,7 +612,9 @@ def load_policy(name_or_path: str = "tiny", **options: Any) -> VLMPolicy:
                 target_modules=targets,
                 bias="none",
             )
-            model = get_peft_model(model, lora)
+            # LoRA A is random: seed it, so init_seed fixes the whole policy and the caller's RNG is untouched.
+            with seeded(config.init_seed):
+                model = get_peft_model(model, lora)
     else:
         for name, parameter in model.named_parameters():
             in_vision = any(p in name for p in ("vision", "visual", "multi_modal_projector", "connector", "merger"))
