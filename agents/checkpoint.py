@@ -1,0 +1,104 @@
+"""Atomic, verifiable checkpoints: ``<run dir>/checkpoints/update-000010/``.
+
+A checkpoint directory holds the policy (:meth:`~agents.policy.VLMPolicy.save`), ``trainer.pt`` (optimizer,
+scheduler, counters, RNG states, environment states) and ``manifest.json`` with the SHA-256 of every file.
+It is written under a temporary name and renamed into place, so a crash mid-save never leaves a
+half-written checkpoint under a real name; the manifest is what tells a complete checkpoint from a
+damaged one when resuming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer.pt"
+POLICY_DIR = "policy"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint: the message names the files that were tried and what was wrong."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(run_dir: Path, update: int, policy, trainer_state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint ``update`` atomically and keep only the newest ``keep`` checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"update-{update:06d}"
+    staging = root / f".staging-{final.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    policy.save(staging / POLICY_DIR)
+    torch.save(trainer_state, staging / TRAINER_STATE)
+    files = {str(p.relative_to(staging)): _sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+    (staging / MANIFEST).write_text(json.dumps({"update": update, "files": files}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    for old in sorted(root.glob("update-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """``None`` if the checkpoint is complete and intact, else what is wrong with it."""
+    manifest_path = Path(directory) / MANIFEST
+    if not manifest_path.exists():
+        return f"{manifest_path} is missing (the checkpoint was not finished)"
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as error:
+        return f"{manifest_path} is unreadable ({error})"
+    for name, expected in files.items():
+        path = Path(directory) / name
+        if not path.exists():
+            return f"{path} is missing"
+        if _sha256(path) != expected:
+            return f"{path} does not match its checksum (damaged or changed after saving)"
+    return None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The newest intact checkpoint of a run directory (or ``path`` itself if it is a checkpoint).
+
+    A damaged newest checkpoint is reported with a warning and the previous one is used.
+    """
+    path = Path(path)
+    if (path / MANIFEST).exists() or path.name.startswith("update-"):
+        candidates = [path]
+    else:
+        candidates = sorted((path / "checkpoints").glob("update-*"), reverse=True)
+    if not candidates:
+        raise CheckpointError(f"No checkpoint under {path}/checkpoints: nothing to resume from.")
+    problems = []
+    for candidate in candidates:
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            if problems:
+                warnings.warn(
+                    f"Skipped damaged checkpoint(s): {'; '.join(problems)}. Resuming from {candidate}.",
+                    stacklevel=2,
+                )
+            return candidate
+        problems.append(problem)
+    raise CheckpointError("No intact checkpoint to resume from: " + "; ".join(problems))
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    # Our own file, written by save_checkpoint: it holds RNG states and pickled environments.
+    return torch.load(Path(checkpoint) / TRAINER_STATE, weights_only=False)
