@@ -85,6 +85,8 @@ class GridWorldEnv(LanguageEnv):
         step_penalty: Cost of each step that does not reach the goal (non-negative).
         text_hint: Also state the agent, goal and wall cells in the step text (an ablation: by default
             the text gives only the step count, and the positions must be read from the image).
+        distance_reward: Weight of potential-based shaping: each move earns ``distance_reward`` times the
+            decrease of the shortest-path distance to the goal (0, the default, for the sparse reward only).
 
     Example:
         >>> env = GridWorldEnv(size=4, n_walls=2)
@@ -112,6 +114,7 @@ class GridWorldEnv(LanguageEnv):
         cell_px: int = 16,
         step_penalty: float = 0.0,
         text_hint: bool = False,
+        distance_reward: float = 0.0,
     ) -> None:
         super().__init__(render_mode)
         if not isinstance(size, (int, np.integer)) or size < 2:
@@ -143,6 +146,11 @@ class GridWorldEnv(LanguageEnv):
         self.cell_px = int(cell_px)
         self.step_penalty = float(step_penalty)
         self.text_hint = bool(text_hint)
+        if not np.isfinite(distance_reward) or distance_reward < 0:
+            raise ValueError(
+                f"GridWorldEnv: distance_reward={distance_reward!r}; use a finite non-negative weight (0 for none)."
+            )
+        self.distance_reward = float(distance_reward)
 
         side = self.size * self.cell_px
         self.observation_space = observation_space(side, side)
@@ -229,6 +237,7 @@ class GridWorldEnv(LanguageEnv):
 
     def step(self, action: Any):
         action = self._check_action(action)
+        distance_before = self._distances[self.agent]
         d_row, d_col = MOVES[action]
         row, col = self.agent[0] + d_row, self.agent[1] + d_col
         if 0 <= row < self.size and 0 <= col < self.size and not self.walls[row, col]:
@@ -236,6 +245,10 @@ class GridWorldEnv(LanguageEnv):
         self.steps += 1
         success = self.agent == self.goal
         reward = 1.0 if success else -self.step_penalty
+        # Potential-based shaping with the shortest-path distance as potential (Ng, Harada & Russell 1999,
+        # https://people.eecs.berkeley.edu/~russell/papers/icml99-shaping.pdf): dense feedback for each
+        # move that leaves the optimal policy unchanged. Off by default.
+        reward += self.distance_reward * float(distance_before - self._distances[self.agent])
         truncated = not success and self.steps >= self.max_steps
         return self._observation(), reward, success, truncated, {"success": success}
 

@@ -1,0 +1,26 @@
+"""PPO on ``vlmrl/Blackjack-v0`` (RL4VLM's Blackjack: stand or hit; +1 win, 0 draw, -1 loss).
+
+    python -m experiments.blackjack --total-env-steps 5000
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from experiments.common import ExperimentConfig, run
+
+
+@dataclass
+class BlackjackPPO(ExperimentConfig):
+    env_id: str = "vlmrl/Blackjack-v0"
+    """Registered Gymnasium id."""
+    image_size: int = 128
+    """Rendered image side in pixels."""
+
+    def env_kwargs(self) -> dict[str, Any]:
+        return {**super().env_kwargs(), "image_size": self.image_size}
+
+
+if __name__ == "__main__":
+    run(BlackjackPPO)

@@ -1,0 +1,28 @@
+"""PPO on ``vlmrl/NumberLine-v0`` (RL4VLM's NumberLine: move the current number to the target).
+
+    python -m experiments.numberline --total-env-steps 5000
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from experiments.common import ExperimentConfig, run
+
+
+@dataclass
+class NumberLinePPO(ExperimentConfig):
+    env_id: str = "vlmrl/NumberLine-v0"
+    """Registered Gymnasium id."""
+    image_size: int = 128
+    """Rendered image side in pixels."""
+    max_position: int = 5
+    """Largest number on the line (positions 0..max_position)."""
+
+    def env_kwargs(self) -> dict[str, Any]:
+        return {**super().env_kwargs(), "image_size": self.image_size, "max_position": self.max_position}
+
+
+if __name__ == "__main__":
+    run(NumberLinePPO)
