@@ -91,7 +91,9 @@ class Rollout:
         self.values[t] = [c.value for c in completions]
         self.logprobs[t] = [c.logprob for c in completions]
         if t > 0:
-            self.next_values[t - 1] = self.values[t]
+            # Inside an episode the next observation's value is this step's value; a truncated episode
+            # keeps the value of its final observation, stored when it ended.
+            self.next_values[t - 1] = np.where(self.truncated[t - 1], self.next_values[t - 1], self.values[t])
         for env_index, value in final_values.items():
             self.next_values[t, env_index] = value
         self.step += 1

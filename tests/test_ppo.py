@@ -293,3 +293,21 @@ def test_ppo_learns_to_name_the_colour(tmp_path):
     first, last = rows[0]["charts/success_rate"], np.mean([r["charts/success_rate"] for r in rows[-3:]])
     assert first < 0.6, f"the untrained policy should be near chance, got {first}"
     assert last >= 0.75, f"PPO should learn the colour task; success over the last 3 updates: {last}"
+
+
+def test_rollout_bootstraps_a_truncation_from_its_final_observation():
+    from types import SimpleNamespace
+
+    from agents.storage import Rollout
+
+    def step(value):
+        return [SimpleNamespace(value=value, logprob=0.0)]
+
+    rollout = Rollout(num_steps=3, num_envs=1)
+    no = np.array([False])
+    rollout.add(step(0.1), np.array([0.0]), no, np.array([True]), {0: 5.0})  # truncated; final obs worth 5
+    rollout.add(step(0.2), np.array([0.0]), no, no, {})
+    rollout.add(step(0.3), np.array([1.0]), np.array([True]), no, {})
+    rollout.finish(np.array([9.0]), gamma=0.5, gae_lambda=1.0)
+    assert rollout.next_values[:, 0].tolist() == [5.0, 0.3, 9.0]
+    np.testing.assert_allclose(rollout.advantages[:, 0], [0.5 * 5.0 - 0.1, (0.5 * 0.3 - 0.2) + 0.5 * (1.0 - 0.3), 1.0 - 0.3], atol=1e-12)
