@@ -250,7 +250,9 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # One 16 px patch per GridWorld cell (cell_px=16): moving the agent changes whole image tokens.
-    "tiny": Preset("llava", patch_size=16, description="LLaVA: CLIP vision tower + Llama, ~0.6 M parameters (the default)"),
+    "tiny": Preset(
+        "llava", patch_size=16, description="LLaVA: CLIP vision tower + Llama, ~0.6 M parameters (the default)"
+    ),
     "tiny-llava-next": Preset("llava_next", description="LLaVA-NeXT with any-resolution tiling"),
     "tiny-qwen2vl": Preset("qwen2_vl", image_size=56, patch_size=14, description="Qwen2-VL (multimodal RoPE)"),
     "tiny-qwen2.5vl": Preset("qwen2_5_vl", image_size=56, patch_size=14, description="Qwen2.5-VL"),
@@ -328,63 +330,31 @@ class seeded:
 
 
 def _build_llava(preset, tokenizer, chat_template, tok):
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+    """LLaVA, or LLaVA-NeXT (the same towers plus any-resolution tiling of the image)."""
+    import transformers
+    from transformers import CLIPVisionConfig, LlamaConfig
 
-    patches = (preset.image_size // preset.patch_size) ** 2
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**_vision_config(preset)).to_dict(),
-        text_config=LlamaConfig(**_llama_config(tokenizer, preset)).to_dict(),
-        image_token_id=tok("<image>"),
-        image_seq_length=patches,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": preset.image_size},
-        crop_size={"height": preset.image_size, "width": preset.image_size},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=preset.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=chat_template,
-    )
-    return config, processor
-
-
-def _build_llava_next(preset, tokenizer, chat_template, tok):
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-    )
-
+    next_ = preset.family == "llava_next"
     size = preset.image_size
-    config = LlavaNextConfig(
+    tiling = {"image_grid_pinpoints": [[size, size], [size, 2 * size], [2 * size, size]]} if next_ else {}
+    config = getattr(transformers, "LlavaNextConfig" if next_ else "LlavaConfig")(
         vision_config=CLIPVisionConfig(**_vision_config(preset)).to_dict(),
         text_config=LlamaConfig(**_llama_config(tokenizer, preset)).to_dict(),
         image_token_id=tok("<image>"),
-        image_grid_pinpoints=[[size, size], [size, 2 * size], [2 * size, size]],
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
+        **(tiling if next_ else {"image_seq_length": (size // preset.patch_size) ** 2}),
     )
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_grid_pinpoints=config.image_grid_pinpoints,
+    image_processor = getattr(transformers, "LlavaNextImageProcessorPil" if next_ else "CLIPImageProcessorPil")(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **tiling
     )
-    processor = LlavaNextProcessor(
+    processor = getattr(transformers, "LlavaNextProcessor" if next_ else "LlavaProcessor")(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=preset.patch_size,
         vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        num_additional_image_tokens=1,  # CLIP's CLS token
         chat_template=chat_template,
     )
     return config, processor
@@ -397,7 +367,9 @@ def _build_qwen(preset, tokenizer, chat_template, tok):
         from transformers import Qwen2VLConfig as Config
 
         processor_class = _qwen2vl_processor_class()
-        vision = dict(embed_dim=preset.vision_hidden, depth=preset.vision_layers, num_heads=2, hidden_size=preset.text_hidden)
+        vision = dict(
+            embed_dim=preset.vision_hidden, depth=preset.vision_layers, num_heads=2, hidden_size=preset.text_hidden
+        )
     else:
         from transformers import Qwen2_5_VLConfig as Config
 
@@ -470,7 +442,7 @@ def _build_idefics3(preset, tokenizer, chat_template, tok):
 
 _PRESET_BUILDERS = {
     "llava": _build_llava,
-    "llava_next": _build_llava_next,
+    "llava_next": _build_llava,
     "qwen2_vl": _build_qwen,
     "qwen2_5_vl": _build_qwen,
     "idefics3": _build_idefics3,

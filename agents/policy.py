@@ -211,13 +211,14 @@ class VLMPolicy(nn.Module):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = model
-        self._decoder = model.get_decoder()
         hidden_size = model.config.get_text_config().hidden_size
         with seeded(config.init_seed):
             self.value_head = ValueHead(hidden_size, config.value_hidden_sizes)
         self._hidden: torch.Tensor | None = None
         self._capture: str | None = None
-        self._decoder.register_forward_hook(self._keep_hidden)
+        # The value head reads the language model's last hidden state; a hook avoids asking generate() for
+        # every layer's hidden states (and avoids registering the decoder twice as a submodule).
+        model.get_decoder().register_forward_hook(self._keep_hidden)
         self._pieces: TokenPieces | None = None
         self._grammars: dict[tuple[tuple[str, ...], str], AnswerGrammar] = {}
         self.chat_template = processor.chat_template or tiny_chat_template(family.image_placeholder)
@@ -286,9 +287,7 @@ class VLMPolicy(nn.Module):
 
     # -- acting -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def act(
-        self, observations: Any, spec: LanguageSpec | list[LanguageSpec], greedy: bool = False
-    ) -> list[Completion]:
+    def act(self, observations: Any, spec: LanguageSpec | list[LanguageSpec], greedy: bool = False) -> list[Completion]:
         """Answer a batch of observations in one batched ``generate``.
 
         Args:
@@ -436,9 +435,7 @@ class VLMPolicy(nn.Module):
         input_ids = torch.cat([prompt_ids, response], dim=1)
         attention_mask = torch.cat([prompt_mask, token_mask.long()], dim=1)
         if "mm_token_type_ids" in inputs:  # Qwen2-VL marks image tokens; answer tokens are text (0)
-            inputs["mm_token_type_ids"] = torch.cat(
-                [inputs["mm_token_type_ids"], torch.zeros_like(response)], dim=1
-            )
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(response)], dim=1)
         if self.family.rope_from_attention_mask:
             # The positions generate() used: padding does not advance them.
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
