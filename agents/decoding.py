@@ -56,9 +56,7 @@ class TokenPieces:
         added_special = {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
         self.vocab_size = vocab_size
         self.pieces: list[str] = [text[len(anchor_text) :] for text in decoded]
-        self.eos_ids: list[int] = sorted(
-            {i for i in _as_list(tokenizer.eos_token_id)} | _extra_eos_ids(tokenizer)
-        )
+        self.eos_ids: list[int] = sorted({i for i in _as_list(tokenizer.eos_token_id)} | _extra_eos_ids(tokenizer))
         special = set(tokenizer.all_special_ids) | added_special | set(self.eos_ids)
         self.by_piece: dict[str, list[int]] = {}
         for token_id, piece in enumerate(self.pieces):

@@ -44,7 +44,9 @@ def evaluate_policy(
     try:
         while done_per_env.min() < quota:
             completions = policy.act(observations, spec, greedy=greedy)
-            actions, invalid_mask = env_actions(completions, "default", invalid_default_action, len(spec.action_names), rng)
+            actions, invalid_mask = env_actions(
+                completions, "default", invalid_default_action, len(spec.action_names), rng
+            )
             active = done_per_env < quota
             answers += int(active.sum())
             invalid += int((invalid_mask & active).sum())

@@ -74,6 +74,9 @@ class PPOConfig:
     """Rollout length per env per update (batch = num_envs * num_steps)."""
     learning_rate: float = 1e-5
     """AdamW learning rate. RL4VLM: 1e-5 with LoRA on 7B models; tiny models want ~3e-4."""
+    value_learning_rate: float | None = None
+    """Learning rate of the value head (default: learning_rate). A value head trained from scratch on top of
+    a pretrained model usually wants a larger one than the LoRA weights."""
     anneal_lr: bool = True
     """Linearly anneal the learning rate to 0 over the run."""
     gamma: float = 0.9
@@ -275,7 +278,17 @@ def train(config: PPOConfig) -> Path:
     else:
         policy = load_policy(model, **policy_options)
     parameters = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, eps=1e-5, weight_decay=0.0)
+    value_parameters = list(policy.value_head.parameters())
+    value_ids = {id(p) for p in value_parameters}
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in parameters if id(p) not in value_ids]},
+            {"params": value_parameters, "lr": config.value_learning_rate or config.learning_rate},
+        ],
+        lr=config.learning_rate,
+        eps=1e-5,
+        weight_decay=0.0,
+    )
     num_updates = config.num_updates
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda update: 1.0 - update / num_updates if config.anneal_lr else 1.0
@@ -418,8 +431,11 @@ def train(config: PPOConfig) -> Path:
             metrics["charts/success_rate"] = float(np.mean([e["success"] for e in finished]))
             metrics["charts/episode_length"] = float(np.mean([e["length"] for e in finished]))
         logger.log(metrics, global_step)
-        progress.set_postfix(success=f"{np.mean(recent_success):.2f}" if recent_success else "-",
-                             sps=f"{metrics['charts/env_steps_per_s']:.1f}", invalid=f"{metrics['charts/invalid_action_rate']:.2f}")
+        progress.set_postfix(
+            success=f"{np.mean(recent_success):.2f}" if recent_success else "-",
+            sps=f"{metrics['charts/env_steps_per_s']:.1f}",
+            invalid=f"{metrics['charts/invalid_action_rate']:.2f}",
+        )
         if config.sample_every and (update + 1) % config.sample_every == 0:
             logger.log_samples(_sample_rows(rollout), global_step)
         if frames:
@@ -449,8 +465,12 @@ def train(config: PPOConfig) -> Path:
     if config.eval_episodes:
         from agents.evaluation import evaluate_policy
 
-        result = evaluate_policy(policy, config.env_id, config.env_kwargs(), config.eval_episodes, seed=10_000 + config.seed)
-        logger.log({"eval/success_rate": result["success_rate"], "eval/episodic_return": result["mean_return"]}, global_step)
+        result = evaluate_policy(
+            policy, config.env_id, config.env_kwargs(), config.eval_episodes, seed=10_000 + config.seed
+        )
+        logger.log(
+            {"eval/success_rate": result["success_rate"], "eval/episodic_return": result["mean_return"]}, global_step
+        )
     logger.finish()
     return run_dir
 
@@ -480,4 +500,3 @@ def _sample_rows(rollout: Rollout, count: int = 8) -> list[dict[str, Any]]:
             }
         )
     return rows
-

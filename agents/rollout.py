@@ -44,9 +44,7 @@ class NamedErrors(gym.Wrapper):
             raise RuntimeError(f"{self._name()} failed in reset(): {error!r}") from error
 
 
-def make_vector_env(
-    env_id: str, num_envs: int, env_kwargs: dict[str, Any] | None = None
-) -> gym.vector.SyncVectorEnv:
+def make_vector_env(env_id: str, num_envs: int, env_kwargs: dict[str, Any] | None = None) -> gym.vector.SyncVectorEnv:
     """``num_envs`` copies of ``env_id`` in one synchronous vector env with same-step autoreset."""
     import envs  # noqa: F401 - registers the vlmrl environments
 

@@ -92,7 +92,9 @@ class RunLogger:
             import wandb
 
             columns = list(rows[0])
-            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
+            self.wandb.log(
+                {"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step
+            )
 
     def log_video(self, frames: list[np.ndarray], step: int, fps: int = 4) -> Path:
         """Save an episode as a GIF under ``<run dir>/videos`` (and to W&B)."""

@@ -164,9 +164,7 @@ def register_language_env(
     """
     base_env = gym.make(base_id, **{"render_mode": "rgb_array", **base_kwargs})
     try:
-        if not isinstance(base_env.action_space, spaces.Discrete) or base_env.action_space.n != len(
-            spec.action_names
-        ):
+        if not isinstance(base_env.action_space, spaces.Discrete) or base_env.action_space.n != len(spec.action_names):
             raise ValueError(
                 f"{env_id}: the language spec names {len(spec.action_names)} actions but {base_id} has "
                 f"action space {base_env.action_space}; give one name per discrete action."

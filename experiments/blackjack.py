@@ -1,6 +1,6 @@
 """PPO on ``vlmrl/Blackjack-v0`` (RL4VLM's Blackjack: stand or hit; +1 win, 0 draw, -1 loss).
 
-    python -m experiments.blackjack --total-env-steps 5000
+python -m experiments.blackjack --total-env-steps 5000
 """
 
 from __future__ import annotations

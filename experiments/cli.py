@@ -1,10 +1,10 @@
 """The ``vlmrl`` command.
 
-    vlmrl train gridworld [options]     train with PPO (options: vlmrl train gridworld --help)
-    vlmrl eval RUN_DIR [--episodes N]   evaluate the newest intact checkpoint of a run
-    vlmrl demo [--episodes N]           every environment played by its scripted expert
-    vlmrl baseline [--experiment gridworld]   SB3 PPO with a CNN on the same environment
-    vlmrl plot RUN_DIR... [--out PNG]   learning curves of several runs, with a table
+vlmrl train gridworld [options]     train with PPO (options: vlmrl train gridworld --help)
+vlmrl eval RUN_DIR [--episodes N]   evaluate the newest intact checkpoint of a run
+vlmrl demo [--episodes N]           every environment played by its scripted expert
+vlmrl baseline [--experiment gridworld]   SB3 PPO with a CNN on the same environment
+vlmrl plot RUN_DIR... [--out PNG]   learning curves of several runs, with a table
 """
 
 from __future__ import annotations

@@ -73,7 +73,9 @@ def main(config: DemoConfig) -> list[dict]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results = [play_expert(env_id, config.episodes) for env_id in (config.env_ids or envs.VLMRL_ENV_IDS)]
-    print(f"| env | expert success ({config.episodes} seeded episodes) | mean return | steps/episode | reset+step+render ms/step | image |")
+    print(
+        f"| env | expert success ({config.episodes} seeded episodes) | mean return | steps/episode | reset+step+render ms/step | image |"
+    )
     print("|---|---|---|---|---|---|")
     for result in results:
         name = result["env_id"].split("/")[-1]

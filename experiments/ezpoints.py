@@ -1,6 +1,6 @@
 """PPO on ``vlmrl/EZPoints-v0`` (RL4VLM's EZPoints: a formula of two cards that equals 12).
 
-    python -m experiments.ezpoints --total-env-steps 5000
+python -m experiments.ezpoints --total-env-steps 5000
 """
 
 from __future__ import annotations

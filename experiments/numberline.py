@@ -1,6 +1,6 @@
 """PPO on ``vlmrl/NumberLine-v0`` (RL4VLM's NumberLine: move the current number to the target).
 
-    python -m experiments.numberline --total-env-steps 5000
+python -m experiments.numberline --total-env-steps 5000
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """PPO on ``vlmrl/Points24-v0`` (RL4VLM's Points24: a formula of four cards that equals 24).
 
-    python -m experiments.points24 --total-env-steps 5000
+python -m experiments.points24 --total-env-steps 5000
 """
 
 from __future__ import annotations

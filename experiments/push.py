@@ -1,6 +1,6 @@
 """PPO on ``vlmrl/Push-v0`` (MuJoCo: push the block into the goal region with discrete moves).
 
-    python -m experiments.push --total-env-steps 5000
+python -m experiments.push --total-env-steps 5000
 """
 
 from __future__ import annotations

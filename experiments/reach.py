@@ -1,6 +1,6 @@
 """PPO on ``vlmrl/Reach-v0`` (MuJoCo: move the gripper to the target with discrete moves).
 
-    python -m experiments.reach --total-env-steps 5000
+python -m experiments.reach --total-env-steps 5000
 """
 
 from __future__ import annotations

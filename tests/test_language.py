@@ -116,8 +116,12 @@ def test_answer_complete_marks_where_generation_can_stop():
 
 @pytest.mark.parametrize(
     ("names", "message"),
-    [((), "action_names is empty"), (("Hit", "hit "), "same after normalisation"), (("a", " "), "blank"),
-     (('say "x"',), "quote")],
+    [
+        ((), "action_names is empty"),
+        (("Hit", "hit "), "same after normalisation"),
+        (("a", " "), "blank"),
+        (('say "x"',), "quote"),
+    ],
 )
 def test_bad_specs_are_rejected(names, message):
     with pytest.raises(ValueError, match=message):
@@ -180,6 +184,8 @@ class _FloatFrames(gym.Env):
 
 def test_a_renderer_that_is_not_uint8_rgb_fails_naming_the_env():
     gym.register("vlmrl-test/FloatFrames-v0", entry_point=_FloatFrames)
-    envs.register_language_env("vlmrl-test/FloatFramesText-v0", "vlmrl-test/FloatFrames-v0", LanguageSpec("x", ("a", "b")))
+    envs.register_language_env(
+        "vlmrl-test/FloatFramesText-v0", "vlmrl-test/FloatFrames-v0", LanguageSpec("x", ("a", "b"))
+    )
     with pytest.raises(ValueError, match=r"vlmrl-test/FloatFrames-v0: render\(\) must return a uint8 array"):
         gym.make("vlmrl-test/FloatFramesText-v0")

@@ -133,7 +133,9 @@ def test_ratio_is_one_at_the_start_of_the_first_epoch():
     env = gym.make("vlmrl/Blackjack-v0")
     observations = [env.reset(seed=seed)[0] for seed in range(4)]
     completions = policy.act(observations, envs.get_language("vlmrl/Blackjack-v0"))
-    config = PPOConfig(env_id="vlmrl/Blackjack-v0", num_envs=4, num_steps=1, total_env_steps=4, minibatch_size=4, micro_batch_size=4)
+    config = PPOConfig(
+        env_id="vlmrl/Blackjack-v0", num_envs=4, num_steps=1, total_env_steps=4, minibatch_size=4, micro_batch_size=4
+    )
     old = torch.tensor([c.logprob for c in completions])
     values = torch.tensor([c.value for c in completions])
     _, parts = ppo_losses(policy, completions, old, values, torch.ones(4), values, None, config)
@@ -174,8 +176,13 @@ def test_non_finite_losses_are_skipped_then_abort(tmp_path, monkeypatch):
 def test_resume_continues_exactly(tmp_path):
     # GridWorld episodes span several updates, so the environments' state must travel too.
     options = dict(
-        env_id="vlmrl/GridWorld-v0", num_envs=2, num_steps=4, total_env_steps=24, minibatch_size=4,
-        micro_batch_size=2, checkpoint_every=2,
+        env_id="vlmrl/GridWorld-v0",
+        num_envs=2,
+        num_steps=4,
+        total_env_steps=24,
+        minibatch_size=4,
+        micro_batch_size=2,
+        checkpoint_every=2,
     )
     straight = train(small_config(tmp_path / "a", **options))
     resumed_dir = tmp_path / "b"
@@ -268,9 +275,27 @@ def test_each_experiment_script_runs_a_tiny_budget(tmp_path, name):
     from experiments.cli import main
 
     main(
-        ["train", name, "--total-env-steps", "4", "--num-envs", "2", "--num-steps", "2", "--minibatch-size", "4",
-         "--micro-batch-size", "2", "--update-epochs", "1", "--run-dir", str(tmp_path / name), "--no-progress",
-         "--max-new-tokens", "16"]
+        [
+            "train",
+            name,
+            "--total-env-steps",
+            "4",
+            "--num-envs",
+            "2",
+            "--num-steps",
+            "2",
+            "--minibatch-size",
+            "4",
+            "--micro-batch-size",
+            "2",
+            "--update-epochs",
+            "1",
+            "--run-dir",
+            str(tmp_path / name),
+            "--no-progress",
+            "--max-new-tokens",
+            "16",
+        ]
     )
     rows = read_metrics(tmp_path / name / "metrics.jsonl")
     assert rows and rows[-1]["global_step"] == 4
@@ -284,9 +309,15 @@ def test_ppo_learns_to_name_the_colour(tmp_path):
     """Chance is 1/3; reading the image gives 1. A few hundred steps of PPO must get well above chance."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     config = small_config(
-        tmp_path, num_envs=16, num_steps=4, total_env_steps=448, minibatch_size=32, micro_batch_size=16,
-        update_epochs=4, learning_rate=3e-4, policy=PolicyConfig(model="tiny", prompt_style="action",
-        constrained=True, lora_rank=0, temperature=1.0),
+        tmp_path,
+        num_envs=16,
+        num_steps=4,
+        total_env_steps=448,
+        minibatch_size=32,
+        micro_batch_size=16,
+        update_epochs=4,
+        learning_rate=3e-4,
+        policy=PolicyConfig(model="tiny", prompt_style="action", constrained=True, lora_rank=0, temperature=1.0),
     )
     run_dir = train(config)
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "charts/success_rate" in r]
@@ -310,4 +341,6 @@ def test_rollout_bootstraps_a_truncation_from_its_final_observation():
     rollout.add(step(0.3), np.array([1.0]), np.array([True]), no, {})
     rollout.finish(np.array([9.0]), gamma=0.5, gae_lambda=1.0)
     assert rollout.next_values[:, 0].tolist() == [5.0, 0.3, 9.0]
-    np.testing.assert_allclose(rollout.advantages[:, 0], [0.5 * 5.0 - 0.1, (0.5 * 0.3 - 0.2) + 0.5 * (1.0 - 0.3), 1.0 - 0.3], atol=1e-12)
+    np.testing.assert_allclose(
+        rollout.advantages[:, 0], [0.5 * 5.0 - 0.1, (0.5 * 0.3 - 0.2) + 0.5 * (1.0 - 0.3), 1.0 - 0.3], atol=1e-12
+    )
