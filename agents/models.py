@@ -251,7 +251,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # One 16 px patch per GridWorld cell (cell_px=16): moving the agent changes whole image tokens.
     "tiny": Preset(
-        "llava", patch_size=16, description="LLaVA: CLIP vision tower + Llama, ~0.6 M parameters (the default)"
+        "llava", patch_size=16, description="LLaVA: CLIP vision tower + Llama, ~0.65 M parameters (the default)"
     ),
     "tiny-llava-next": Preset("llava_next", description="LLaVA-NeXT with any-resolution tiling"),
     "tiny-qwen2vl": Preset("qwen2_vl", image_size=56, patch_size=14, description="Qwen2-VL (multimodal RoPE)"),
@@ -312,6 +312,22 @@ def build_preset(name: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMi
         model = AutoModelForImageTextToText.from_config(config)
     model.eval()
     return model, processor
+
+
+class quiet_progress:
+    """Hide transformers' per-file progress bars (saving and loading tiny checkpoints every few updates)."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging as hf_logging
+
+        if self._was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 class seeded:
@@ -495,7 +511,8 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+    with quiet_progress():
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
     processor = family.load_processor(name_or_path)
     processor.tokenizer.padding_side = "left"
     model.eval()

@@ -40,7 +40,7 @@ from agents.decoding import (
     TrackerStop,
     constraint_mask,
 )
-from agents.models import PRESETS, Family, load_model, resolve_dtype, seeded, tiny_chat_template
+from agents.models import PRESETS, Family, load_model, quiet_progress, resolve_dtype, seeded, tiny_chat_template
 from envs.language import PROMPT_STYLES, LanguageSpec, build_prompt, parse_action
 
 POLICY_FILE = "policy.json"
@@ -383,7 +383,7 @@ class VLMPolicy(nn.Module):
         return GenerationConfig(
             do_sample=not greedy,
             temperature=1.0,  # applied by the AnswerTracker
-            top_k=0,
+            top_k=None if greedy else 0,  # greedy ignores it (and transformers warns if it is set)
             top_p=1.0,
             min_p=None,
             typical_p=1.0,
@@ -512,7 +512,8 @@ class VLMPolicy(nn.Module):
             base_model = self.model
         if self.config.lora_rank == 0 or self.config.model in PRESETS:
             # Presets and fully fine-tuned weights cannot be fetched by name: keep a copy beside the adapter.
-            base_model.save_pretrained(directory / "base", state_dict=base_state)
+            with quiet_progress():
+                base_model.save_pretrained(directory / "base", state_dict=base_state)
             self.processor.save_pretrained(directory / "base")
             if self.processor.chat_template is None:
                 (directory / "base" / "chat_template.jinja").write_text(self.chat_template)
