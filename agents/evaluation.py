@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tyro.conf import Positional
+
 import numpy as np
 
 from agents.rollout import EpisodeStats, env_actions, make_vector_env
@@ -68,8 +70,17 @@ def evaluate_policy(
     }
 
 
-def evaluate_checkpoint(path: str, episodes: int = 100, greedy: bool = True, device: str = "auto") -> dict[str, float]:
-    """Evaluate the newest intact checkpoint of a run directory (or a checkpoint directory)."""
+def evaluate_checkpoint(
+    path: Positional[str], episodes: int = 100, greedy: bool = True, device: str = "auto"
+) -> dict[str, float]:
+    """Evaluate the newest intact checkpoint of a run directory (or a checkpoint directory).
+
+    Args:
+        path: Run directory (its newest intact checkpoint is used) or one checkpoint directory.
+        episodes: Episodes to play.
+        greedy: Argmax decoding (else sample at the policy's temperature).
+        device: Where the policy runs (``auto``, ``cpu``, ``cuda``...).
+    """
     from agents.checkpoint import POLICY_DIR, find_checkpoint, load_trainer_state
     from agents.policy import load_policy
 
