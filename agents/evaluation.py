@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tyro.conf import Positional
-
 import numpy as np
+from tyro.conf import Positional
 
 from agents.rollout import EpisodeStats, env_actions, make_vector_env
 

@@ -369,7 +369,7 @@ class VLMPolicy(nn.Module):
         specs = spec if isinstance(spec, list) else [spec] * len(images)
         inputs = self.encode([self.prompt_text(s, t) for s, t in zip(specs, texts)], images)
         if self.family.rope_from_attention_mask:
-            inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            inputs["position_ids"] = text_positions(inputs["attention_mask"])
         self._capture = "prefill"
         try:
             self.model(**inputs, use_cache=False, logits_to_keep=1)
@@ -437,9 +437,7 @@ class VLMPolicy(nn.Module):
         if "mm_token_type_ids" in inputs:  # Qwen2-VL marks image tokens; answer tokens are text (0)
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(response)], dim=1)
         if self.family.rope_from_attention_mask:
-            # The positions generate() used: padding does not advance them.
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            inputs["position_ids"] = position_ids
+            inputs["position_ids"] = text_positions(attention_mask)
         self._capture = "all"
         try:
             output = self.model(
@@ -455,7 +453,7 @@ class VLMPolicy(nn.Module):
         logits = output.logits[:, :-1].float() / self.config.temperature
         if self.suppressed_ids:  # as in act (AnswerTracker)
             logits[..., self.suppressed_ids] = float("-inf")
-        if completions[0].constraints is not None or any(c.constraints is not None for c in completions):
+        if any(c.constraints is not None for c in completions):
             logits = logits.masked_fill(~self._constraint_masks(completions, logits.shape), float("-inf"))
         logprobs = torch.log_softmax(logits, dim=-1)
         token_logprobs = logprobs.gather(-1, response.unsqueeze(-1)).squeeze(-1).masked_fill(~token_mask, 0.0)
@@ -525,6 +523,11 @@ class VLMPolicy(nn.Module):
     def load(cls, directory: str | Path, **overrides: Any) -> VLMPolicy:
         """Load a policy written by :meth:`save`; ``overrides`` change options (device, temperature...)."""
         return load_policy(str(directory), **overrides)
+
+
+def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The positions ``generate`` gives a left-padded batch: padding does not advance them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def token_end_offsets(tokenizer, ids: list[int]) -> list[int]:
