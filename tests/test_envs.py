@@ -1,6 +1,6 @@
 """Checks every registered vlmrl environment must pass, whoever wrote it.
 
-Each test runs once per id in ``envs.VLMRL_ENV_IDS`` through ``gymnasium.make``, so a new environment
+Each test runs once per id in ``envs.VLMRL_ENV_IDS`` (and the debug envs) through ``gymnasium.make``, so a new environment
 gets the whole contract checked by registering it.
 """
 
@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from envs import VLMRL_ENV_IDS
+from envs import DEBUG_ENVS, VLMRL_ENV_IDS
 
 N_STEPS = 50
 FIRST_SEED = 7
 
 
-@pytest.fixture(params=VLMRL_ENV_IDS)
+@pytest.fixture(params=VLMRL_ENV_IDS + tuple(DEBUG_ENVS))
 def env_id(request: pytest.FixtureRequest) -> str:
     return request.param
 
