@@ -16,6 +16,13 @@ exactly one legal action, so even an untrained model always acts validly:
   inside them; when the token budget runs low the ending is forced.
 * ``"action"`` answers: the answer is a legal action name followed by EOS.
 
+Forced text is spelled one way only: each legal ending is cut greedily into the longest tokens that spell it,
+and only the next of those tokens (or, at the end, the tokenizer's own EOS) is allowed. A tokenizer can
+spell ``"right"`` as ``right``, ``ri|ght`` or ``r|i|g|h|t``; allowing every spelling would split one
+action's probability over many token paths, and PPO, which credits the path that was sampled, would then
+have to learn the same choice once per spelling. With one spelling per action, choosing the action is
+choosing its first distinct token.
+
 Constraints work on the text of tokens, never on token ids, so they hold for any tokenizer.
 """
 
@@ -65,6 +72,9 @@ class TokenPieces:
                 continue
             self.by_piece.setdefault(piece, []).append(token_id)
         self.special = special
+        # The one EOS that closes a constrained answer: the tokenizer's own, else the first of the others.
+        own = _as_list(tokenizer.eos_token_id)
+        self.eos_id: int | None = own[0] if own else (self.eos_ids[0] if self.eos_ids else None)
 
     def continuing(self, remainder: str) -> set[int]:
         """Ids of the tokens whose piece is a non-empty prefix of ``remainder``."""
@@ -72,6 +82,25 @@ class TokenPieces:
         for end in range(1, len(remainder) + 1):
             allowed.update(self.by_piece.get(remainder[:end], ()))
         return allowed
+
+    def longest(self, remainder: str) -> tuple[int, int] | None:
+        """The id of the longest token that is a prefix of ``remainder`` and its length in characters."""
+        for end in range(len(remainder), 0, -1):
+            ids = self.by_piece.get(remainder[:end])
+            if ids:
+                return ids[0], end
+        return None
+
+    def spelling(self, text: str, start: int = 0) -> list[int]:
+        """Where the greedy longest-token spelling of ``text[start:]`` puts token boundaries (offsets in
+        ``text``, ``start`` and the end included); stops early where no token spells the rest."""
+        boundaries = [start]
+        while boundaries[-1] < len(text):
+            found = self.longest(text[boundaries[-1] :])
+            if found is None:
+                break
+            boundaries.append(boundaries[-1] + found[1])
+        return boundaries
 
 
 def _as_list(value) -> list[int]:
@@ -101,6 +130,10 @@ class AnswerGrammar:
         else:
             self.endings = list(action_names)
         self.longest_ending = max(len(ending) for ending in self.endings)
+        # Token boundaries of each ending's one spelling. A CoT ending is entered either from scratch (when
+        # the budget runs low) or right after the free token that wrote its opening quote.
+        starts = (0, 1) if style == "cot" else (0,)
+        self.boundaries = [{b for start in starts for b in pieces.spelling(ending, start)} for ending in self.endings]
         # Worst case, a tokenizer spells a forced string one character per token (plus the final EOS).
         self.min_new_tokens = self.longest_ending + 1 + (len(COT_ANSWER_PREFIX) if style == "cot" else 0)
 
@@ -134,18 +167,24 @@ class AnswerGrammar:
         return self._continue_ending(thoughts[thoughts.index('"') :], allow_eos=False)
 
     def _continue_ending(self, tail: str, allow_eos: bool) -> list[int] | None:
-        allowed: set[int] = set()
-        matched = False
-        for ending in self.endings:
-            if ending.startswith(tail):
-                matched = True
-                allowed |= self.pieces.continuing(ending[len(tail) :])
-                if allow_eos and ending == tail:
-                    allowed.update(self.pieces.eos_ids)
-        if not matched:
+        matching = [i for i, ending in enumerate(self.endings) if ending.startswith(tail)]
+        if not matching:
             return None
+        # Endings whose one spelling passes through here; a free token that wrote more than the opening
+        # quote can land between two of its tokens, and then the rest is spelled greedily from here.
+        on_spelling = [i for i in matching if len(tail) in self.boundaries[i]] or matching
+        allowed: set[int] = set()
+        for i in on_spelling:
+            ending = self.endings[i]
+            if ending == tail:
+                if allow_eos and self.pieces.eos_id is not None:
+                    allowed.add(self.pieces.eos_id)
+                continue
+            found = self.pieces.longest(ending[len(tail) :])
+            if found is not None:
+                allowed.add(found[0])
         if not allowed:  # the answer is complete: only the end of the turn remains
-            allowed.update(self.pieces.eos_ids)
+            allowed.update([self.pieces.eos_id] if self.pieces.eos_id is not None else self.pieces.eos_ids)
         return sorted(allowed)
 
 

@@ -345,6 +345,37 @@ def test_constrained_decoding_always_yields_legal_actions(policy, style, spec, m
     assert len(chosen) > 1  # sampled, not a fixed answer
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2vl", "tiny-idefics3"])
+@pytest.mark.parametrize("spec", [POINTS, MOVES], ids=["points", "moves"])
+def test_constrained_actions_have_one_spelling(policy, preset, spec, make_observations):
+    # The tiny tokenizer can spell "move left" many ways ("move| left", "mo|ve| |left", ...) and ends a turn
+    # with either of two EOS tokens. Sampling must still take one token path per action, so that an action's
+    # probability is the probability of that path.
+    agent = policy(preset, prompt_style="action", constrained=True, max_new_tokens=64)
+    spellings: dict[int, set[tuple[int, ...]]] = {}
+    for batch in range(4):
+        observations = make_observations([f"Board {i}." for i in range(8)], seed=batch)
+        for completion in act(agent, observations, spec, seed=batch):
+            spellings.setdefault(completion.action, set()).add(tuple(completion.response_ids.tolist()))
+    assert len(spellings) > 1
+    for action, ids in spellings.items():
+        assert len(ids) == 1, (spec.action_names[action], ids)
+        (only,) = ids
+        assert only[-1] == agent.pieces.eos_id
+        assert agent.tokenizer.decode(only[:-1]) == spec.action_names[action]
+
+
+def test_spelling_is_greedy_longest_tokens(policy):
+    pieces = policy("tiny").pieces
+    text = "move left"
+    boundaries = pieces.spelling(text)
+    assert boundaries[0] == 0 and boundaries[-1] == len(text)
+    for start, end in zip(boundaries, boundaries[1:]):
+        assert pieces.by_piece.get(text[start:end])  # each step is one token ...
+        longer = [text[start:e] for e in range(end + 1, len(text) + 1)]
+        assert not any(pieces.by_piece.get(piece) for piece in longer)  # ... and the longest that fits
+
+
 def test_constrained_budget_too_small_is_refused(make_observations):
     agent = fresh("tiny", constrained=True, max_new_tokens=16)
     with pytest.raises(ValueError, match="max_new_tokens"):
