@@ -15,6 +15,9 @@ from experiments.common import ExperimentConfig, run
 class NumberLinePPO(ExperimentConfig):
     env_id: str = "vlmrl/NumberLine-v0"
     """Registered Gymnasium id."""
+    learning_rate: float = 2e-5
+    """AdamW learning rate. NumberLine has two actions and short episodes: at the GridWorld rate (1e-4) the
+    tiny preset reaches 100% and then repeatedly collapses (seed 1 ends at 0.79), at 2e-5 it stays at 100%."""
     image_size: int = 128
     """Rendered image side in pixels."""
     max_position: int = 5
