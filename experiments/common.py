@@ -33,9 +33,9 @@ class ExperimentConfig(PPOConfig):
     total_env_steps: int = 20_480
     """Environment steps to train for."""
     learning_rate: float = 1e-4
-    """AdamW learning rate, for full fine-tuning of the randomly initialised tiny preset: on GridWorld 2e-5
-    barely moves the policy in 20k steps and 1e-3 collapses it to one action. RL4VLM uses 1e-5 with LoRA on
-    7B models."""
+    """AdamW learning rate, for full fine-tuning of the randomly initialised tiny preset: on GridWorld 1e-4
+    passes 90% success by ~12k env steps (README), 2e-5 learns much more slowly and 1e-3 collapses the
+    policy onto one action. RL4VLM uses 1e-5 with LoRA on 7B models."""
     minibatch_size: int = 64
     """Samples per optimizer step."""
     micro_batch_size: int = 16
