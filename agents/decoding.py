@@ -76,13 +76,6 @@ class TokenPieces:
         own = _as_list(tokenizer.eos_token_id)
         self.eos_id: int | None = own[0] if own else (self.eos_ids[0] if self.eos_ids else None)
 
-    def continuing(self, remainder: str) -> set[int]:
-        """Ids of the tokens whose piece is a non-empty prefix of ``remainder``."""
-        allowed: set[int] = set()
-        for end in range(1, len(remainder) + 1):
-            allowed.update(self.by_piece.get(remainder[:end], ()))
-        return allowed
-
     def longest(self, remainder: str) -> tuple[int, int] | None:
         """The id of the longest token that is a prefix of ``remainder`` and its length in characters."""
         for end in range(len(remainder), 0, -1):
@@ -156,7 +149,8 @@ class AnswerGrammar:
             return self._continue_ending(text, allow_eos=True)
         if not text.startswith(COT_ANSWER_PREFIX):
             if COT_ANSWER_PREFIX.startswith(text):
-                return sorted(self.pieces.continuing(COT_ANSWER_PREFIX[len(text) :]))
+                found = self.pieces.longest(COT_ANSWER_PREFIX[len(text) :])
+                return [found[0]] if found else None
             return None
         thoughts = text[len(COT_ANSWER_PREFIX) :]
         if '"' not in thoughts:

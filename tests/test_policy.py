@@ -15,7 +15,7 @@ import torch
 
 from agents.models import PRESETS
 from agents.policy import Completion, PolicyConfig, VLMPolicy, load_policy
-from envs.language import LanguageSpec, format_answer, parse_action
+from envs.language import COT_ANSWER_PREFIX, LanguageSpec, format_answer, parse_action
 
 FAMILY_PRESETS = ["tiny", "tiny-llava-next", "tiny-qwen2vl", "tiny-qwen2.5vl", "tiny-idefics3", "tiny-smolvlm"]
 VISION_NAME_PARTS = ("vision", "visual", "multi_modal_projector", "connector", "merger")
@@ -364,6 +364,15 @@ def test_constrained_actions_have_one_spelling(policy, preset, spec, make_observ
         (only,) = ids
         assert only[-1] == agent.pieces.eos_id
         assert agent.tokenizer.decode(only[:-1]) == spec.action_names[action]
+
+
+def test_constrained_cot_prefix_has_one_spelling(policy, make_observations):
+    agent = policy("tiny", prompt_style="cot", constrained=True, max_new_tokens=64)
+    n_prefix = len(agent.pieces.spelling(COT_ANSWER_PREFIX)) - 1
+    completions = act(agent, make_observations([f"Board {i}." for i in range(8)]), BLACKJACK)
+    prefixes = {tuple(c.response_ids[:n_prefix].tolist()) for c in completions}
+    assert len(prefixes) == 1
+    assert agent.tokenizer.decode(next(iter(prefixes))) == COT_ANSWER_PREFIX
 
 
 def test_spelling_is_greedy_longest_tokens(policy):
