@@ -1,6 +1,6 @@
 """PPO on ``vlmrl/GridWorld-v0``: walk to the green goal. The README's main job.
 
-    python -m experiments.gridworld                      # tiny preset on the CPU, about 10 minutes
+    python -m experiments.gridworld                      # tiny preset on the CPU, about 7 minutes
     python -m experiments.gridworld --model Qwen/Qwen2.5-VL-3B-Instruct --lora-rank 64 \\
         --learning-rate 1e-5 --prompt-style cot --temperature 0.2 --device cuda
 """
@@ -28,7 +28,7 @@ class GridWorldPPO(ExperimentConfig):
     distance_reward: float = 0.1
     """Potential-based shaping weight: reward per cell of progress toward the goal (0 = sparse only)."""
     total_env_steps: int = 20_480
-    """Environment steps to train for (about 10 minutes on 2 CPU cores with the tiny preset)."""
+    """Environment steps to train for (about 7 minutes on 2 CPU cores with the tiny preset)."""
 
     def env_kwargs(self) -> dict[str, Any]:
         return {
