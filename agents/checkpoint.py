@@ -19,12 +19,14 @@ from typing import Any
 
 import torch
 
+from agents.errors import VlmrlError
+
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer.pt"
 POLICY_DIR = "policy"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(VlmrlError, RuntimeError):
     """No usable checkpoint: the message names the files that were tried and what was wrong."""
 
 
@@ -50,8 +52,13 @@ def save_checkpoint(run_dir: Path, update: int, policy, trainer_state: dict[str,
     (staging / MANIFEST).write_text(json.dumps({"update": update, "files": files}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
-    for old in sorted(root.glob("update-*"))[:-keep]:
+    # Only checkpoints older than the one just written are pruned: whatever else is there, the newest
+    # ``keep`` of this run survive.
+    older = [p for p in sorted(root.glob("update-*")) if p.name < final.name]
+    for old in older[: max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob(".staging-*"):  # a save interrupted by a crash
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 
@@ -73,7 +80,7 @@ def verify_checkpoint(directory: Path) -> str | None:
     return None
 
 
-def find_checkpoint(path: str | Path) -> Path:
+def find_checkpoint(path: str | Path, purpose: str = "Resuming") -> Path:
     """The newest intact checkpoint of a run directory (or ``path`` itself if it is a checkpoint).
 
     A damaged newest checkpoint is reported with a warning and the previous one is used.
@@ -84,21 +91,28 @@ def find_checkpoint(path: str | Path) -> Path:
     else:
         candidates = sorted((path / "checkpoints").glob("update-*"), reverse=True)
     if not candidates:
-        raise CheckpointError(f"No checkpoint under {path}/checkpoints: nothing to resume from.")
+        raise CheckpointError(f"No checkpoint under {path}/checkpoints: nothing to resume or evaluate.")
     problems = []
     for candidate in candidates:
         problem = verify_checkpoint(candidate)
         if problem is None:
             if problems:
                 warnings.warn(
-                    f"Skipped damaged checkpoint(s): {'; '.join(problems)}. Resuming from {candidate}.",
+                    f"Skipped damaged checkpoint(s): {'; '.join(problems)}. {purpose} from {candidate}.",
                     stacklevel=2,
                 )
             return candidate
         problems.append(problem)
-    raise CheckpointError("No intact checkpoint to resume from: " + "; ".join(problems))
+    raise CheckpointError(f"No intact checkpoint under {path}: " + "; ".join(problems))
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    # Our own file, written by save_checkpoint: it holds RNG states and pickled environments.
-    return torch.load(Path(checkpoint) / TRAINER_STATE, weights_only=False)
+    """The trainer state of a checkpoint: plain data (config dict, counters, optimizer, RNG and env-runner
+    states). Our own file, verified by its checksum: ``weights_only=False`` only for the RNG states' types."""
+    try:
+        return torch.load(Path(checkpoint) / TRAINER_STATE, weights_only=False)
+    except (AttributeError, ModuleNotFoundError) as error:
+        # Checkpoints of format 1 pickled the config class; a renamed class cannot be unpickled.
+        raise CheckpointError(
+            f"{checkpoint} was written by an older vlmrl and cannot be read ({error}); start a new run."
+        ) from error

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 from tyro.conf import Positional
 
-from agents.rollout import EpisodeStats, env_actions, make_vector_env
+from agents.errors import ConfigError
+from agents.rollout import EnvRunner, SuccessRule
 
 
 def evaluate_policy(
@@ -22,44 +23,43 @@ def evaluate_policy(
     seed: int = 10_000,
     greedy: bool = True,
     invalid_default_action: int = 0,
+    success_rule: SuccessRule = "terminated_positive_reward",
 ) -> dict[str, float]:
     """Play ``episodes`` episodes and report their mean success, return and length.
 
     Each env plays the same number of episodes (``num_envs`` is lowered until it divides ``episodes``), so
     short episodes are not over-represented; invalid answers take ``invalid_default_action``, as in training.
     """
-    import envs
-
-    spec = envs.get_language(env_id)
+    if episodes < 1:
+        raise ConfigError(f"episodes must be >= 1, got {episodes}.")
     num_envs = max(1, min(num_envs, episodes))
     while episodes % num_envs:  # equal quotas that add up to exactly ``episodes``
         num_envs -= 1
     quota = episodes // num_envs
-    vector_env = make_vector_env(env_id, num_envs, env_kwargs)
-    observations, _ = vector_env.reset(seed=seed)
-    stats = EpisodeStats(num_envs)
+    runner = EnvRunner(
+        env_id,
+        num_envs,
+        env_kwargs,
+        seed=seed,
+        rng=np.random.default_rng(seed),
+        invalid_default_action=invalid_default_action,
+        success_rule=success_rule,
+    )
     done_per_env = np.zeros(num_envs, dtype=int)
     results: list[dict[str, float]] = []
     answers = invalid = 0
-    rng = np.random.default_rng(seed)
     try:
         while done_per_env.min() < quota:
-            completions = policy.act(observations, spec, greedy=greedy)
-            actions, invalid_mask = env_actions(
-                completions, "default", invalid_default_action, len(spec.action_names), rng
-            )
             active = done_per_env < quota
+            step = runner.step(policy, greedy=greedy)
             answers += int(active.sum())
-            invalid += int((invalid_mask & active).sum())
-            observations, rewards, terminated, truncated, info = vector_env.step(actions)
-            ended = np.flatnonzero(terminated | truncated)
-            stats.update(rewards, terminated, truncated, info)
-            for env_index, episode in zip(ended, stats.pop()):
-                if done_per_env[env_index] < quota:
+            invalid += int((step.invalid & active).sum())
+            for episode in step.finished:
+                if done_per_env[episode["env"]] < quota:
                     results.append(episode)
-                    done_per_env[env_index] += 1
+                    done_per_env[episode["env"]] += 1
     finally:
-        vector_env.close()
+        runner.close()
     return {
         "episodes": len(results),
         "success_rate": float(np.mean([r["success"] for r in results])),
@@ -76,23 +76,35 @@ def evaluate_checkpoint(
 
     Args:
         path: Run directory (its newest intact checkpoint is used) or one checkpoint directory.
-        episodes: Episodes to play.
+        episodes: Episodes to play (>= 1).
         greedy: Argmax decoding (else sample at the policy's temperature).
         device: Where the policy runs (``auto``, ``cpu``, ``cuda``...).
     """
-    from agents.checkpoint import POLICY_DIR, find_checkpoint, load_trainer_state
-    from agents.policy import load_policy
+    from pathlib import Path
 
-    checkpoint = find_checkpoint(path)
-    config = load_trainer_state(checkpoint)["config"]
+    from agents.checkpoint import POLICY_DIR, CheckpointError, find_checkpoint, load_trainer_state
+    from agents.policy import load_policy
+    from agents.run import import_env_module
+
+    if episodes < 1:
+        raise ConfigError(f"--episodes must be >= 1, got {episodes}.")
+    if not Path(path).exists():
+        raise CheckpointError(f"{path}: no such run or checkpoint directory.")
+    checkpoint = find_checkpoint(path, purpose="Evaluating")
+    config = load_trainer_state(checkpoint).get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{checkpoint} was written by an older vlmrl; evaluate a run trained with this one.")
+    if config.get("env_module"):
+        import_env_module(config["env_module"])
     policy = load_policy(str(checkpoint / POLICY_DIR), device=device)
     result = evaluate_policy(
         policy,
-        config.env_id,
-        config.env_kwargs(),
+        config["env_id"],
+        config["env_kwargs"],
         episodes,
-        num_envs=config.num_envs,
+        num_envs=config["num_envs"],
         greedy=greedy,
-        invalid_default_action=config.invalid_default_action,
+        invalid_default_action=config["invalid_default_action"],
+        success_rule=config.get("success_rule", "terminated_positive_reward"),
     )
     return {"checkpoint": str(checkpoint), **result}

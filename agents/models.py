@@ -479,6 +479,49 @@ def resolve_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def check_model_source(name_or_path: str) -> None:
+    """Fail fast, with what to do, when ``name_or_path`` cannot be loaded from here.
+
+    A preset or an existing directory is fine. A hub id is fine when its config is in the local Hugging Face
+    cache or the Hub answers; otherwise (``HF_HUB_OFFLINE=1``, or no network) transformers would retry for
+    half a minute before failing with an unhelpful message, so say now how to use a local copy instead.
+    """
+    from agents.errors import ConfigError
+
+    if name_or_path in PRESETS or Path(name_or_path).expanduser().exists():
+        return
+    if name_or_path.startswith(("tiny", ".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ConfigError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory.")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return
+    how = (
+        f"Download it where there is a network (`hf download {name_or_path} --local-dir DIR`), copy DIR "
+        "here and pass the directory as the model, or use a preset."
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            f"Model {name_or_path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. {how}"
+        )
+    if not _hub_reachable(constants.ENDPOINT):
+        raise ConfigError(
+            f"Model {name_or_path!r} is not in the local Hugging Face cache and {constants.ENDPOINT} cannot be reached. {how}"
+        )
+
+
+def _hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -497,9 +540,7 @@ def load_model(
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
         return model.to(torch_dtype), processor, family_of(model.config.model_type)
-    looks_local = name_or_path.startswith(("tiny", ".", "/", "~"))
-    if looks_local and not Path(name_or_path).expanduser().exists():
-        raise ValueError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory.")
+    check_model_source(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except OSError as error:

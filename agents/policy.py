@@ -61,7 +61,8 @@ class PolicyConfig:
     lora_alpha: int = 16
     """LoRA scaling numerator (the update is scaled by alpha / rank)."""
     lora_dropout: float = 0.0
-    """LoRA dropout. Keep 0 for RL: dropout makes ``evaluate`` differ from ``act`` (ratio != 1)."""
+    """LoRA dropout. Has no effect: every dropout is switched off at load, since dropout would make
+    ``evaluate`` differ from ``act`` (ratio != 1)."""
     lora_target_modules: tuple[str, ...] | None = None
     """Module-name suffixes to adapt (e.g. ``("q_proj", "v_proj")``); default: every linear layer of the
     language model (RL4VLM: all linear layers)."""
@@ -74,7 +75,8 @@ class PolicyConfig:
     attn_implementation: str | None = None
     """``"sdpa"``, ``"eager"``, ``"flash_attention_2"``; ``None`` lets transformers choose."""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory (large models)."""
+    """Recompute activations in backward to save memory (large models). Dropout is always off, so the
+    model runs in training mode for the backward pass without changing its log-probs."""
     temperature: float = 0.2
     """Sampling temperature; log-probs are those of this distribution. RL4VLM: 0.2."""
     max_new_tokens: int = 128
@@ -303,6 +305,7 @@ class VLMPolicy(nn.Module):
         prompts = [self.prompt_text(s, t) for s, t in zip(specs, texts)]
         inputs = self.encode(prompts, images)
         prompt_length = inputs["input_ids"].shape[1]
+        self.model.eval()
         grammars = [self.grammar(s.action_names) for s in specs] if self.config.constrained else None
         if grammars is not None:
             needed = max(grammar.min_new_tokens for grammar in grammars)
@@ -370,6 +373,7 @@ class VLMPolicy(nn.Module):
         inputs = self.encode([self.prompt_text(s, t) for s, t in zip(specs, texts)], images)
         if self.family.rope_from_attention_mask:
             inputs["position_ids"] = text_positions(inputs["attention_mask"])
+        self.model.eval()
         self._capture = "prefill"
         try:
             self.model(**inputs, use_cache=False, logits_to_keep=1)
@@ -417,6 +421,9 @@ class VLMPolicy(nn.Module):
 
         Call it on one micro-batch at a time and backpropagate before the next (see ``agents/ppo.py``).
         """
+        # transformers recomputes activations (gradient checkpointing) only in training mode; dropout was
+        # switched off at load time, so training mode computes the same function that acted.
+        self.model.train(self.config.gradient_checkpointing and torch.is_grad_enabled())
         inputs = self.encode([c.prompt for c in completions], [c.image for c in completions])
         prompt_ids = inputs.pop("input_ids")
         prompt_mask = inputs.pop("attention_mask")
@@ -629,8 +636,23 @@ def load_policy(name_or_path: str = "tiny", **options: Any) -> VLMPolicy:
         from safetensors.torch import load_file
 
         policy.value_head.load_state_dict(load_file(str(Path(name_or_path) / VALUE_HEAD_FILE)))
-    policy.model.eval()  # no dropout anywhere: act and evaluate must see the same function
+    disable_dropout(policy.model)  # act and evaluate must see the same function, in either mode
+    policy.model.eval()
     return policy.to(device)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0: dropout modules, and the float rates attention layers read.
+
+    An RL update must recompute the log-probs of the function that acted; with dropout off the model can
+    also run in training mode, which gradient checkpointing needs.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
 
 
 __all__ = ["Completion", "Evaluation", "PolicyConfig", "VLMPolicy", "load_policy", "to_pil"]

@@ -1,14 +1,24 @@
 """Running a text-generating policy in Gymnasium vector environments: the pieces no library provides.
 
+:class:`EnvRunner` is the one loop every algorithm and the evaluation share: it owns the vector env and
+the observation in hand, and one :meth:`EnvRunner.step` is *act -> env actions -> env step -> episode
+statistics*. Around it:
+
 * :func:`make_vector_env` builds the vector env (same-step autoreset, so every step is a real transition
   and the final observation of a truncated episode is at hand for bootstrapping; errors name the env);
 * :func:`env_actions` turns parsed answers into environment actions under an explicit invalid-answer rule;
-* :class:`EpisodeStats` keeps per-env returns, lengths and successes of finished episodes.
+* :class:`EpisodeStats` keeps per-env returns, lengths and successes of finished episodes;
+* :class:`TrackedEnv` records how each env's current episode began and which actions it took, so a
+  checkpoint can restore any registered env by replaying them, without pickling the env (a
+  pygame-rendered env, or one made with a lambda, cannot be pickled).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,30 +28,58 @@ import numpy as np
 from agents.policy import Completion
 
 InvalidRule = Literal["default", "random"]
+SuccessRule = Literal["terminated_positive_reward", "positive_return"]
+SUCCESS_RULES: tuple[str, ...] = ("terminated_positive_reward", "positive_return")
 
 
-class NamedErrors(gym.Wrapper):
-    """Re-raise an environment's exception with the index of the env in the vector env."""
+class TrackedEnv(gym.Wrapper):
+    """Name the env in its errors, and record the current episode so it can be replayed.
+
+    The record is the reset seed (or, for an auto-reset without a seed, the state of the env's
+    ``np_random`` just before the reset), the reset options, and every action since. An env that draws
+    its randomness from ``self.np_random``, as Gymnasium asks, is back in exactly the same state after
+    :meth:`replay`; :meth:`EnvRunner.load_state_dict` checks that and warns when it is not.
+    """
 
     def __init__(self, env: gym.Env, index: int) -> None:
         super().__init__(env)
         self.index = index
+        self.episode: dict[str, Any] = {"seed": None, "rng": None, "options": None, "actions": []}
 
-    def _name(self) -> str:
+    @property
+    def name(self) -> str:
         spec_id = self.env.spec.id if self.env.spec is not None else type(self.env.unwrapped).__name__
         return f"env {self.index} ({spec_id})"
 
     def step(self, action: Any):
+        self.episode["actions"].append(copy.deepcopy(action))
         try:
             return self.env.step(action)
         except Exception as error:
-            raise RuntimeError(f"{self._name()} failed in step({action!r}): {error!r}") from error
+            raise RuntimeError(f"{self.name} failed in step({action!r}): {error!r}") from error
 
-    def reset(self, **kwargs: Any):
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        rng = None
+        if seed is None:
+            try:
+                rng = copy.deepcopy(self.env.unwrapped.np_random.bit_generator.state)
+            except AttributeError:  # an env without a Gymnasium np_random: replay is best effort
+                rng = None
+        self.episode = {"seed": seed, "rng": rng, "options": copy.deepcopy(options), "actions": []}
         try:
-            return self.env.reset(**kwargs)
+            return self.env.reset(seed=seed, options=options)
         except Exception as error:
-            raise RuntimeError(f"{self._name()} failed in reset(): {error!r}") from error
+            raise RuntimeError(f"{self.name} failed in reset(): {error!r}") from error
+
+    def replay(self, episode: dict[str, Any]) -> Any:
+        """Bring the env to the state ``episode`` recorded; return the observation it then shows."""
+        if episode["seed"] is None and episode["rng"] is not None:
+            self.env.unwrapped.np_random.bit_generator.state = copy.deepcopy(episode["rng"])
+        observation, _ = self.reset(seed=episode["seed"], options=episode["options"])
+        self.episode["rng"] = copy.deepcopy(episode["rng"])
+        for action in episode["actions"]:
+            observation, *_ = self.step(action)
+        return observation
 
 
 def make_vector_env(env_id: str, num_envs: int, env_kwargs: dict[str, Any] | None = None) -> gym.vector.SyncVectorEnv:
@@ -49,7 +87,7 @@ def make_vector_env(env_id: str, num_envs: int, env_kwargs: dict[str, Any] | Non
     import envs  # noqa: F401 - registers the vlmrl environments
 
     def thunk(index: int):
-        return lambda: NamedErrors(gym.make(env_id, **(env_kwargs or {})), index)
+        return lambda: TrackedEnv(gym.make(env_id, **(env_kwargs or {})), index)
 
     return gym.vector.SyncVectorEnv(
         [thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
@@ -84,31 +122,210 @@ def env_actions(
 
 @dataclass
 class EpisodeStats:
-    """Returns, lengths and successes of the episodes that finished, per vector env."""
+    """Returns, lengths and successes of the episodes that finished, per vector env.
+
+    Success is ``info["success"]`` of the episode's last step when the env reports it. An env that does
+    not (most third-party envs) is judged by ``success_rule``: ``"terminated_positive_reward"`` (the
+    default) counts an episode that ended by termination (not by a time limit) with a positive last
+    reward, as FrozenLake's gift or a goal bonus; ``"positive_return"`` counts a positive episode return.
+    """
 
     num_envs: int
+    success_rule: SuccessRule = "terminated_positive_reward"
     returns: np.ndarray = field(init=False)
     lengths: np.ndarray = field(init=False)
     finished: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.success_rule not in SUCCESS_RULES:
+            raise ValueError(f"success_rule must be one of {SUCCESS_RULES}, got {self.success_rule!r}.")
         self.returns = np.zeros(self.num_envs)
         self.lengths = np.zeros(self.num_envs, dtype=np.int64)
 
-    def update(self, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray, info: dict) -> None:
+    def update(
+        self, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray, info: dict
+    ) -> list[dict[str, float]]:
+        """Add one vector step; return the episodes it finished (each with its ``env`` index)."""
         self.returns += rewards
         self.lengths += 1
         ended = np.logical_or(terminated, truncated)
         final_info = info.get("final_info", {})
+        # Vector envs mark which envs' infos hold a key with a "_key" mask.
+        reported = final_info.get("_success", np.full(self.num_envs, "success" in final_info))
+        now = []
         for index in np.flatnonzero(ended):
-            success = bool(final_info.get("success", np.zeros(self.num_envs, dtype=bool))[index])
-            self.finished.append(
-                {"return": float(self.returns[index]), "length": int(self.lengths[index]), "success": success}
-            )
+            if reported[index]:
+                success = bool(final_info["success"][index])
+            elif self.success_rule == "terminated_positive_reward":
+                success = bool(terminated[index]) and float(rewards[index]) > 0
+            else:
+                success = float(self.returns[index]) > 0
+            episode = {
+                "env": int(index),
+                "return": float(self.returns[index]),
+                "length": int(self.lengths[index]),
+                "success": success,
+            }
+            now.append(episode)
             self.returns[index] = 0.0
             self.lengths[index] = 0
+        self.finished.extend(now)
+        return now
 
     def pop(self) -> list[dict[str, float]]:
         """The episodes finished since the last call."""
         finished, self.finished = self.finished, []
         return finished
+
+
+@dataclass
+class RunnerStep:
+    """What one :meth:`EnvRunner.step` did, for every env of the vector env."""
+
+    observations: dict[str, Any]
+    """The observations the policy answered (the batch a vector env returns)."""
+    completions: list[Completion]
+    actions: np.ndarray
+    """The env actions taken (the default or a random action for an invalid answer)."""
+    invalid: np.ndarray
+    rewards: np.ndarray
+    """The environment's rewards (no penalty added: that is the algorithm's or the reward modules' call)."""
+    terminated: np.ndarray
+    truncated: np.ndarray
+    final_observations: dict[int, Any]
+    """Env index -> last observation of an episode that was truncated (for bootstrapping)."""
+    finished: list[dict[str, float]]
+    """Episodes that ended on this step: ``env``, ``return``, ``length``, ``success``."""
+    act_seconds: float
+    generated_tokens: int
+
+
+class EnvRunner:
+    """The vector env, the observation in hand, and the act -> env action -> step -> statistics loop.
+
+    Training and evaluation both step through this class, so there is one place where answers become
+    actions and episodes are counted. Its whole state (:meth:`state_dict`) is plain data: the current
+    observations, the open episodes' statistics and, per env, how to replay its current episode.
+    """
+
+    def __init__(
+        self,
+        env_id: str,
+        num_envs: int,
+        env_kwargs: dict[str, Any] | None = None,
+        *,
+        seed: int,
+        rng: np.random.Generator,
+        invalid_rule: InvalidRule = "default",
+        invalid_default_action: int = 0,
+        success_rule: SuccessRule = "terminated_positive_reward",
+        on_step: Callable[[int], Any] | None = None,
+    ) -> None:
+        import envs
+
+        self.env_id = env_id
+        self.spec = envs.get_language(env_id)
+        self.num_envs = num_envs
+        self.rng = rng
+        self.invalid_rule = invalid_rule
+        self.invalid_default_action = invalid_default_action
+        self.on_step = on_step
+        self.vector_env = make_vector_env(env_id, num_envs, env_kwargs)
+        self.observations, _ = self.vector_env.reset(seed=seed)
+        self.stats = EpisodeStats(num_envs, success_rule)
+        self.steps = 0
+        """Environment steps taken so far, all envs together."""
+
+    def step(self, policy, greedy: bool = False) -> RunnerStep:
+        """Answer the observations in hand with one batched ``act`` and step every env once."""
+        observations = self.observations
+        start = time.perf_counter()
+        completions = policy.act(observations, self.spec, greedy=greedy)
+        act_seconds = time.perf_counter() - start
+        actions, invalid = env_actions(
+            completions, self.invalid_rule, self.invalid_default_action, len(self.spec.action_names), self.rng
+        )
+        self.observations, rewards, terminated, truncated, info = self.vector_env.step(actions)
+        finished = self.stats.update(rewards, terminated, truncated, info)
+        cut = np.flatnonzero(truncated & ~terminated)
+        final_observations = {int(i): info["final_obs"][i] for i in cut}
+        self.steps += self.num_envs
+        if self.on_step is not None:
+            self.on_step(self.num_envs)
+        return RunnerStep(
+            observations=observations,
+            completions=completions,
+            actions=actions,
+            invalid=invalid,
+            rewards=np.asarray(rewards, dtype=np.float64),
+            terminated=terminated,
+            truncated=truncated,
+            final_observations=final_observations,
+            finished=finished,
+            act_seconds=act_seconds,
+            generated_tokens=sum(len(c.response_ids) for c in completions),
+        )
+
+    # -- checkpointing --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (arrays, numbers, strings) that :meth:`load_state_dict` turns back into this runner."""
+        return {
+            "env_id": self.env_id,
+            "num_envs": self.num_envs,
+            "steps": self.steps,
+            "observations": copy.deepcopy(self.observations),
+            "episode_returns": self.stats.returns.copy(),
+            "episode_lengths": self.stats.lengths.copy(),
+            "episodes": [copy.deepcopy(env.episode) for env in self.vector_env.envs],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the runner by replaying each env's current episode.
+
+        When an env does not come back to the observation it showed when the state was saved (an env
+        with randomness outside ``np_random``, say), training goes on from the replayed state, with a
+        warning that names the env: the run continues, but not bit for bit.
+        """
+        if state["env_id"] != self.env_id or state["num_envs"] != self.num_envs:
+            raise ValueError(
+                f"The saved runner ran {state['num_envs']} x {state['env_id']}, not {self.num_envs} x {self.env_id}."
+            )
+        self.steps = state["steps"]
+        self.stats.returns = state["episode_returns"].copy()
+        self.stats.lengths = state["episode_lengths"].copy()
+        self.observations = copy.deepcopy(state["observations"])
+        differing = []
+        for index, (env, episode) in enumerate(zip(self.vector_env.envs, state["episodes"])):
+            replayed = env.replay(episode)
+            saved = {key: value[index] for key, value in self.observations.items()}
+            if not _same_observation(replayed, saved):
+                differing.append(env.name)
+                _set_observation(self.observations, index, replayed)
+        if differing:
+            warnings.warn(
+                f"{', '.join(differing)}: replaying the saved episode did not reproduce the saved observation "
+                "(the env draws randomness outside its np_random, or is not deterministic). Training goes on "
+                "from the replayed state; this resume is not exact.",
+                stacklevel=2,
+            )
+
+    def close(self) -> None:
+        self.vector_env.close()
+
+
+def _same_observation(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_observation(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.array_equal(np.asarray(a), np.asarray(b))
+    return a == b
+
+
+def _set_observation(batch: dict[str, Any], index: int, observation: dict[str, Any]) -> None:
+    for key, value in observation.items():
+        if isinstance(batch[key], np.ndarray):
+            batch[key][index] = value
+        else:  # text observations come as a tuple
+            items = list(batch[key])
+            items[index] = value
+            batch[key] = type(batch[key])(items)

@@ -16,7 +16,7 @@ import numpy as np
 #: Every metric the trainers log, and what it means. One place for the names.
 METRICS = {
     "charts/episodic_return": "mean return of the episodes that ended in this update",
-    "charts/success_rate": "fraction of those episodes that solved the task (info['success'])",
+    "charts/success_rate": "fraction of those episodes that solved the task (info['success'], else the run's success_rule)",
     "charts/episode_length": "mean length of those episodes",
     "charts/invalid_action_rate": "fraction of answers with no legal action",
     "charts/learning_rate": "optimizer learning rate",
@@ -51,10 +51,20 @@ class RunLogger:
         run_name: str | None = None,
         tags: tuple[str, ...] = (),
         resume_id: str | None = None,
+        keep_rows: dict[str, int] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.samples_path = self.run_dir / "samples.jsonl"
+        self._rows = {self.metrics_path.name: 0, self.samples_path.name: 0}
+        # A resumed run continues from its checkpoint: rows logged after it (before a crash) would appear
+        # twice, so the files are cut back to the rows the checkpoint had seen. W&B already holds those
+        # steps (identical, since resume is exact): they are not sent again.
+        self._wandb_has_until = -1
+        for name, count in (keep_rows or {}).items():
+            self._wandb_has_until = max(self._wandb_has_until, _truncate_rows(self.run_dir / name, count))
+            self._rows[name] = count
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
         self.wandb = None
         self.wandb_id: str | None = None
@@ -80,15 +90,24 @@ class RunLogger:
         row = {"global_step": step, **{k: float(v) for k, v in metrics.items()}}
         with self.metrics_path.open("a") as file:
             file.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
+        self._rows[self.metrics_path.name] += 1
+        if self._to_wandb(step):
             self.wandb.log(metrics, step=step)
+
+    def _to_wandb(self, step: int) -> bool:
+        return self.wandb is not None and step > self._wandb_has_until
+
+    def rows(self) -> dict[str, int]:
+        """Rows written to each log file so far (a checkpoint keeps them, to cut the files back on resume)."""
+        return dict(self._rows)
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
         """A table of sample completions (prompt text, answer, action, reward)."""
-        with (self.run_dir / "samples.jsonl").open("a") as file:
+        with self.samples_path.open("a") as file:
             for row in rows:
                 file.write(json.dumps({"global_step": step, **row}, default=str) + "\n")
-        if self.wandb is not None and rows:
+        self._rows[self.samples_path.name] += len(rows)
+        if self._to_wandb(step) and rows:
             import wandb
 
             columns = list(rows[0])
@@ -103,7 +122,7 @@ class RunLogger:
         path = self.run_dir / "videos" / f"episode-{step:09d}.gif"
         path.parent.mkdir(exist_ok=True)
         imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
-        if self.wandb is not None:
+        if self._to_wandb(step):
             import wandb
 
             self.wandb.log({"media/episode": wandb.Video(str(path), format="gif")}, step=step)
@@ -111,8 +130,31 @@ class RunLogger:
 
     def finish(self) -> None:
         plot_learning_curve(self.metrics_path, self.run_dir / "learning_curve.png")
+        self.close()
+
+    def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None
+
+
+def _truncate_rows(path: Path, count: int) -> int:
+    """Keep the first ``count`` lines of a JSON-lines file (a line cut by a crash counts as dropped);
+    return the largest ``global_step`` among the dropped rows (-1 if none)."""
+    if not path.exists():
+        return -1
+    lines = path.read_text().splitlines(keepends=True)
+    kept, dropped = lines[:count], lines[count:]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept))
+    os.replace(tmp, path)
+    largest = -1
+    for line in dropped:
+        try:
+            largest = max(largest, int(json.loads(line)["global_step"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # the half-written last line of a killed run
+    return largest
 
 
 def _has_wandb_key() -> bool:

@@ -56,7 +56,7 @@ def main(config: BaselineConfig) -> Path:
 
     import envs  # noqa: F401 - registers the environments
     from agents.tracking import RunLogger
-    from experiments.cli import EXPERIMENTS, experiment_config
+    from experiments.common import EXPERIMENTS, experiment_config
 
     if config.experiment not in EXPERIMENTS:
         raise ValueError(f"Unknown experiment {config.experiment!r}; choose one of {', '.join(EXPERIMENTS)}.")

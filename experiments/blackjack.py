@@ -1,20 +1,20 @@
-"""PPO on ``vlmrl/Blackjack-v0`` (RL4VLM's Blackjack: stand or hit; +1 win, 0 draw, -1 loss).
+"""``vlmrl/Blackjack-v0`` (RL4VLM's Blackjack: stand or hit; +1 win, 0 draw, -1 loss).
 
-python -m experiments.blackjack --total-env-steps 5000
+vlmrl train blackjack --total-env-steps 5000
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from experiments.common import ExperimentConfig, run
+from experiments.common import TaskEnvOptions, main
 
 
 @dataclass
-class BlackjackPPO(ExperimentConfig):
-    env_id: str = "vlmrl/Blackjack-v0"
-    """Registered Gymnasium id."""
+class Blackjack(TaskEnvOptions):
+    env_id: ClassVar[str] = "vlmrl/Blackjack-v0"
+
     image_size: int = 128
     """Rendered image side in pixels."""
 
@@ -23,4 +23,4 @@ class BlackjackPPO(ExperimentConfig):
 
 
 if __name__ == "__main__":
-    run(BlackjackPPO)
+    main("blackjack")

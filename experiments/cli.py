@@ -1,46 +1,73 @@
 """The ``vlmrl`` command.
 
-vlmrl train gridworld [options]     train with PPO (options: vlmrl train gridworld --help)
-vlmrl eval RUN_DIR [--episodes N]   evaluate the newest intact checkpoint of a run
-vlmrl demo [--episodes N]           every environment played by its scripted expert
-vlmrl baseline [--experiment gridworld]   SB3 PPO with a CNN on the same environment
-vlmrl plot RUN_DIR... [--out PNG]   learning curves of several runs, with a table
+vlmrl train gridworld [--algo ppo] [options]     train on an experiment's env (options: vlmrl train gridworld --help)
+vlmrl train --env-id ID [--env-module MOD] ...   train on any registered env (MOD registers a third-party one)
+vlmrl eval RUN_DIR [--episodes N]                evaluate the newest intact checkpoint of a run
+vlmrl demo [--episodes N]                        every environment played by its scripted expert
+vlmrl baseline [--experiment gridworld]          SB3 PPO with a CNN on the same environment
+vlmrl plot RUN_DIR... [--out PNG]                learning curves of several runs, with a table
+
+A problem with the input (a bad option, a run directory in use, a missing checkpoint) ends the command
+with one line, "vlmrl: error: ...", that says what to change, and exit status 2.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 
-#: ``vlmrl train <name>`` -> experiment module and its config class.
-EXPERIMENTS = {
-    "gridworld": ("experiments.gridworld", "GridWorldPPO"),
-    "blackjack": ("experiments.blackjack", "BlackjackPPO"),
-    "numberline": ("experiments.numberline", "NumberLinePPO"),
-    "ezpoints": ("experiments.ezpoints", "EZPointsPPO"),
-    "points24": ("experiments.points24", "Points24PPO"),
-    "reach": ("experiments.reach", "ReachPPO"),
-    "push": ("experiments.push", "PushPPO"),
-}
+from experiments.common import ALGORITHMS, EXPERIMENTS, experiment_config  # noqa: F401 - re-exported
 
 
-def experiment_config(name: str):
-    """The default config of experiment ``name`` (its env id and env options)."""
-    module_name, class_name = EXPERIMENTS[name]
-    return getattr(importlib.import_module(module_name), class_name)()
+def _pop_option(argv: list[str], name: str, default: str) -> str:
+    """Remove ``--name VALUE`` (or ``--name=VALUE``) from ``argv`` and return VALUE."""
+    for index, arg in enumerate(argv):
+        if arg == name and index + 1 < len(argv):
+            value = argv[index + 1]
+            del argv[index : index + 2]
+            return value
+        if arg.startswith(name + "="):
+            del argv[index]
+            return arg.split("=", 1)[1]
+    return default
+
+
+def train(argv: list[str]) -> None:
+    from experiments.common import run
+
+    algorithm = _pop_option(argv, "--algo", "ppo")
+    if argv and not argv[0].startswith("-"):
+        experiment = argv.pop(0)
+        if experiment not in EXPERIMENTS:
+            raise SystemExit(
+                f"vlmrl: error: unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}, or "
+                "train a registered env with `vlmrl train --env-id ID`."
+            )
+    else:
+        experiment = None
+    if algorithm not in ALGORITHMS:
+        raise SystemExit(f"vlmrl: error: unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}.")
+    run(experiment, argv, algorithm)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from agents.errors import VlmrlError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv else "--help"
-    if command == "train":
-        if not argv or argv[0] not in EXPERIMENTS:
-            sys.exit(f"usage: vlmrl train {{{','.join(EXPERIMENTS)}}} [options]")
-        module_name, class_name = EXPERIMENTS[argv.pop(0)]
-        from experiments.common import run
+    try:
+        dispatch(command, argv)
+    except (VlmrlError, ValueError) as error:
+        # Problems with what was asked for: one line, no traceback. Bugs (any other exception) still trace.
+        if isinstance(error, ValueError) and not isinstance(error, VlmrlError) and command not in ("train", "eval"):
+            raise
+        message = error.args[0] if error.args else str(error)
+        raise SystemExit(f"vlmrl: error: {message}") from None
 
-        run(getattr(importlib.import_module(module_name), class_name), argv)
+
+def dispatch(command: str, argv: list[str]) -> None:
+    if command == "train":
+        train(argv)
     elif command == "eval":
         import tyro
 

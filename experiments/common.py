@@ -1,65 +1,166 @@
-"""What every experiment script shares: parse its config from the command line, train, report.
+"""What every experiment script shares: environment options apart from the algorithm, and the command line.
 
-An experiment script is a config dataclass (a :class:`~agents.ppo.PPOConfig` with defaults that suit
-one environment, plus that environment's own options) and one line: ``run(MyConfig)``.
+An experiment script holds one environment's options (an :class:`EnvOptions` dataclass) and, where one
+suits it better, per-algorithm defaults (``algorithm_defaults``). The algorithm is chosen on the command
+line (``vlmrl train gridworld --algo ppo``); its config class (``agents.ppo.PPOConfig``, ...) and the
+policy's options are parsed beside the env options, with flat flags (``--size``, ``--learning-rate``,
+``--model``...). Nothing subclasses anything else across these three concerns.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import tyro
 
+from agents.errors import ConfigError
 from agents.policy import PolicyConfig
-from agents.ppo import PPOConfig
+from agents.run import config_from_dict
 from agents.tracking import read_metrics
+
+#: ``--algo`` name -> (module, config class). The module's ``train(config, defaults)`` runs it.
+ALGORITHMS: dict[str, tuple[str, str]] = {
+    "ppo": ("agents.ppo", "PPOConfig"),
+}
+
+#: Defaults of each algorithm for the experiments: sized for the randomly initialised ``tiny`` preset on a
+#: 2-core CPU. With a pretrained model, pass e.g. ``--model Qwen/Qwen2.5-VL-3B-Instruct --lora-rank 64
+#: --learning-rate 1e-5 --prompt-style cot --temperature 0.2 --device cuda``.
+CPU_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ppo": {
+        "num_envs": 16,
+        "total_env_steps": 20_480,
+        # Full fine-tuning of the random tiny preset: on GridWorld 1e-4 passes 90% success by ~12k env steps
+        # (README), 2e-5 learns much more slowly and 1e-3 collapses the policy onto one action. RL4VLM uses
+        # 1e-5 with LoRA on 7B models.
+        "learning_rate": 1e-4,
+        "minibatch_size": 64,
+        "micro_batch_size": 16,
+        "policy": PolicyConfig(model="tiny", prompt_style="action", constrained=True, lora_rank=0, temperature=1.0),
+    },
+}
 
 
 @dataclass
-class ExperimentConfig(PPOConfig):
-    """PPO defaults shared by the experiment scripts: sized for the ``tiny`` preset on a CPU.
+class EnvOptions:
+    """An environment and its options. Subclasses set ``env_id`` and add the env's own options."""
 
-    With a pretrained model, pass e.g. ``--model Qwen/Qwen2.5-VL-3B-Instruct --lora-rank 64
-    --learning-rate 1e-5 --prompt-style cot --temperature 0.2 --device cuda``.
-    """
+    env_id: ClassVar[str | None] = None
+    #: Per-algorithm defaults that suit this env better than :data:`CPU_DEFAULTS` (e.g. a learning rate).
+    algorithm_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def env_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``gymnasium.make``."""
+        return {}
+
+
+@dataclass
+class TaskEnvOptions(EnvOptions):
+    """Options every vlmrl task environment takes."""
 
     text_hint: bool = False
     """Also state the environment's state in the step text (an ablation: vision no longer needed)."""
-    num_envs: int = 16
-    """Parallel environments."""
-    total_env_steps: int = 20_480
-    """Environment steps to train for."""
-    learning_rate: float = 1e-4
-    """AdamW learning rate, for full fine-tuning of the randomly initialised tiny preset: on GridWorld 1e-4
-    passes 90% success by ~12k env steps (README), 2e-5 learns much more slowly and 1e-3 collapses the
-    policy onto one action. RL4VLM uses 1e-5 with LoRA on 7B models."""
-    minibatch_size: int = 64
-    """Samples per optimizer step."""
-    micro_batch_size: int = 16
-    """Samples per forward/backward pass."""
-    policy: PolicyConfig = field(
-        default_factory=lambda: PolicyConfig(
-            model="tiny", prompt_style="action", constrained=True, lora_rank=0, temperature=1.0
-        )
-    )
-    """Policy options; here: tiny preset, action-only answers, constrained decoding, full fine-tuning."""
 
     def env_kwargs(self) -> dict[str, Any]:
         return {"text_hint": self.text_hint}
 
 
-def parse(config_class: type, args: list[str] | None = None):
-    """Build the config from the command line: flags are flat (``--model``, ``--lora-rank``...)."""
-    return tyro.cli(config_class, args=args, config=(tyro.conf.OmitArgPrefixes,))
+@dataclass
+class RegisteredEnv(EnvOptions):
+    """Any registered environment, named with ``--env-id`` (a third-party env registers itself in the
+    module given with ``--env-module``); no options of its own."""
+
+
+#: ``vlmrl train <name>`` -> experiment module and its env-options class.
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "gridworld": ("experiments.gridworld", "GridWorld"),
+    "blackjack": ("experiments.blackjack", "Blackjack"),
+    "numberline": ("experiments.numberline", "NumberLine"),
+    "ezpoints": ("experiments.ezpoints", "EZPoints"),
+    "points24": ("experiments.points24", "Points24"),
+    "reach": ("experiments.reach", "Reach"),
+    "push": ("experiments.push", "Push"),
+}
+
+
+def env_options_class(experiment: str | None) -> type[EnvOptions]:
+    if experiment is None:
+        return RegisteredEnv
+    if experiment not in EXPERIMENTS:
+        raise ConfigError(f"Unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}.")
+    module_name, class_name = EXPERIMENTS[experiment]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def experiment_config(name: str) -> EnvOptions:
+    """The default env options of experiment ``name`` (``.env_id`` and ``.env_kwargs()``)."""
+    return env_options_class(name)()
+
+
+def algorithm_config_class(algorithm: str) -> type:
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"Unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)} with --algo.")
+    module_name, class_name = ALGORITHMS[algorithm]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def default_config(experiment: str | None, algorithm: str, env_id: str | None = None) -> Any:
+    """The config ``vlmrl train <experiment> --algo <algorithm>`` gives with no other flags."""
+    options_class = env_options_class(experiment)
+    config_class = algorithm_config_class(algorithm)
+    values = {
+        **CPU_DEFAULTS.get(algorithm, {}),
+        **options_class.algorithm_defaults.get(algorithm, {}),
+        "env_id": options_class.env_id or env_id or "",
+        "env_kwargs": options_class().env_kwargs(),
+        "experiment": experiment,
+    }
+    if "policy" in values:
+        values["policy"] = dataclasses.replace(values["policy"])
+    # Not validated here: a third-party env is registered only once --env-module has been imported.
+    return config_from_dict(config_class, values)
+
+
+def parse(experiment: str | None, algorithm: str, args: list[str] | None = None) -> tuple[Any, Any]:
+    """Parse the command line of ``vlmrl train``: ``(config, defaults)``, both the algorithm's config class.
+
+    The env options and the algorithm's options (the policy's among them) are parsed together with flat
+    flags; ``--help`` lists both groups.
+    """
+    options_class = env_options_class(experiment)
+    config_class = algorithm_config_class(algorithm)
+    defaults = default_config(experiment, algorithm)
+    arguments = dataclasses.make_dataclass(
+        f"{options_class.__name__}{config_class.__name__}", [("env", options_class), ("algo", config_class)]
+    )
+    parsed = tyro.cli(
+        arguments,
+        args=args,
+        default=arguments(env=options_class(), algo=config_from_dict(config_class, dataclasses.asdict(defaults))),
+        config=(tyro.conf.OmitArgPrefixes,),
+        description=f"Train {algorithm} on {experiment or 'a registered environment (--env-id)'}.",
+    )
+    config = parsed.algo
+    config.env_kwargs = parsed.env.env_kwargs()
+    config.experiment = experiment
+    if experiment is None and config.resume is None and not config.env_id:
+        raise ConfigError("Name an experiment (vlmrl train gridworld) or an environment with --env-id.")
+    if config.resume is None:
+        config.validate()
+    if experiment is None:
+        defaults.env_id, defaults.env_module = config.env_id, config.env_module
+    return config, defaults
 
 
 def summarize(run_dir: Path) -> dict[str, float]:
     """First and last success rates of a run (from its metrics.jsonl), for the console."""
     rows = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "charts/success_rate" in r]
-    summary = {"run_dir": str(run_dir)}
+    summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if rows:
         summary.update(
             env_steps=rows[-1]["global_step"],
@@ -72,12 +173,20 @@ def summarize(run_dir: Path) -> dict[str, float]:
     return summary
 
 
-def run(config_class: type, args: list[str] | None = None) -> Path:
-    """Parse, train with PPO, print where the results are."""
-    from agents.ppo import train
-
-    config = parse(config_class, args)
-    run_dir = train(config)
+def run(experiment: str | None, args: list[str] | None = None, algorithm: str = "ppo") -> Path:
+    """Parse, train with the chosen algorithm, print where the results are."""
+    config, defaults = parse(experiment, algorithm, args)
+    module = importlib.import_module(ALGORITHMS[algorithm][0])
+    run_dir = module.train(config, defaults)
     print(json.dumps(summarize(run_dir), indent=2))
     print(f"learning curve: {Path(run_dir) / 'learning_curve.png'}")
     return run_dir
+
+
+def main(experiment: str) -> None:
+    """``python -m experiments.<name> [--algo ppo] [options]``: the same as ``vlmrl train <name>``."""
+    import sys
+
+    from experiments.cli import main as cli_main
+
+    cli_main(["train", experiment, *sys.argv[1:]])

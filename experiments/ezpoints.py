@@ -1,20 +1,20 @@
-"""PPO on ``vlmrl/EZPoints-v0`` (RL4VLM's EZPoints: a formula of two cards that equals 12).
+"""``vlmrl/EZPoints-v0`` (RL4VLM's EZPoints: a formula of two cards that equals 12).
 
-python -m experiments.ezpoints --total-env-steps 5000
+vlmrl train ezpoints --total-env-steps 5000
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from experiments.common import ExperimentConfig, run
+from experiments.common import TaskEnvOptions, main
 
 
 @dataclass
-class EZPointsPPO(ExperimentConfig):
-    env_id: str = "vlmrl/EZPoints-v0"
-    """Registered Gymnasium id."""
+class EZPoints(TaskEnvOptions):
+    env_id: ClassVar[str] = "vlmrl/EZPoints-v0"
+
     image_size: int = 128
     """Rendered image side in pixels."""
     require_solvable: bool = True
@@ -25,4 +25,4 @@ class EZPointsPPO(ExperimentConfig):
 
 
 if __name__ == "__main__":
-    run(EZPointsPPO)
+    main("ezpoints")

@@ -1,22 +1,23 @@
-"""PPO on ``vlmrl/GridWorld-v0``: walk to the green goal. The README's main job.
+"""``vlmrl/GridWorld-v0``: walk to the green goal. The README's main job (PPO, tiny preset, CPU).
 
-    python -m experiments.gridworld                      # tiny preset on the CPU, about 7 minutes
-    python -m experiments.gridworld --model Qwen/Qwen2.5-VL-3B-Instruct --lora-rank 64 \\
+    vlmrl train gridworld                       # about 7 minutes on 2 CPU cores
+    vlmrl train gridworld --algo ppo --help     # the env's options and the algorithm's
+    vlmrl train gridworld --model Qwen/Qwen2.5-VL-3B-Instruct --lora-rank 64 \\
         --learning-rate 1e-5 --prompt-style cot --temperature 0.2 --device cuda
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from experiments.common import ExperimentConfig, run
+from experiments.common import TaskEnvOptions, main
 
 
 @dataclass
-class GridWorldPPO(ExperimentConfig):
-    env_id: str = "vlmrl/GridWorld-v0"
-    """Registered Gymnasium id."""
+class GridWorld(TaskEnvOptions):
+    env_id: ClassVar[str] = "vlmrl/GridWorld-v0"
+
     size: int = 4
     """Cells per side of the grid."""
     n_walls: int = 0
@@ -26,9 +27,7 @@ class GridWorldPPO(ExperimentConfig):
     random_goal: bool = True
     """Put the goal in a random free cell (else the bottom-right corner)."""
     distance_reward: float = 0.1
-    """Potential-based shaping weight: reward per cell of progress toward the goal (0 = sparse only)."""
-    total_env_steps: int = 20_480
-    """Environment steps to train for (about 7 minutes on 2 CPU cores with the tiny preset)."""
+    """Shaping weight: reward per cell of progress toward the goal (0 = sparse only)."""
 
     def env_kwargs(self) -> dict[str, Any]:
         return {
@@ -42,4 +41,4 @@ class GridWorldPPO(ExperimentConfig):
 
 
 if __name__ == "__main__":
-    run(GridWorldPPO)
+    main("gridworld")

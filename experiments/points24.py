@@ -1,20 +1,20 @@
-"""PPO on ``vlmrl/Points24-v0`` (RL4VLM's Points24: a formula of four cards that equals 24).
+"""``vlmrl/Points24-v0`` (RL4VLM's Points24: a formula of four cards that equals 24).
 
-python -m experiments.points24 --total-env-steps 5000
+vlmrl train points24 --total-env-steps 5000
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from experiments.common import ExperimentConfig, run
+from experiments.common import TaskEnvOptions, main
 
 
 @dataclass
-class Points24PPO(ExperimentConfig):
-    env_id: str = "vlmrl/Points24-v0"
-    """Registered Gymnasium id."""
+class Points24(TaskEnvOptions):
+    env_id: ClassVar[str] = "vlmrl/Points24-v0"
+
     image_size: int = 128
     """Rendered image side in pixels."""
     require_solvable: bool = True
@@ -25,4 +25,4 @@ class Points24PPO(ExperimentConfig):
 
 
 if __name__ == "__main__":
-    run(Points24PPO)
+    main("points24")

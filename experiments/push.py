@@ -1,20 +1,20 @@
-"""PPO on ``vlmrl/Push-v0`` (MuJoCo: push the block into the goal region with discrete moves).
+"""``vlmrl/Push-v0`` (MuJoCo: push the block into the goal region with discrete moves).
 
-python -m experiments.push --total-env-steps 5000
+vlmrl train push --total-env-steps 5000
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from experiments.common import ExperimentConfig, run
+from experiments.common import TaskEnvOptions, main
 
 
 @dataclass
-class PushPPO(ExperimentConfig):
-    env_id: str = "vlmrl/Push-v0"
-    """Registered Gymnasium id."""
+class Push(TaskEnvOptions):
+    env_id: ClassVar[str] = "vlmrl/Push-v0"
+
     image_size: int = 128
     """Rendered image side in pixels."""
 
@@ -23,4 +23,4 @@ class PushPPO(ExperimentConfig):
 
 
 if __name__ == "__main__":
-    run(PushPPO)
+    main("push")

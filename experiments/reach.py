@@ -1,20 +1,20 @@
-"""PPO on ``vlmrl/Reach-v0`` (MuJoCo: move the gripper to the target with discrete moves).
+"""``vlmrl/Reach-v0`` (MuJoCo: move the gripper to the target with discrete moves).
 
-python -m experiments.reach --total-env-steps 5000
+vlmrl train reach --total-env-steps 5000
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from experiments.common import ExperimentConfig, run
+from experiments.common import TaskEnvOptions, main
 
 
 @dataclass
-class ReachPPO(ExperimentConfig):
-    env_id: str = "vlmrl/Reach-v0"
-    """Registered Gymnasium id."""
+class Reach(TaskEnvOptions):
+    env_id: ClassVar[str] = "vlmrl/Reach-v0"
+
     image_size: int = 128
     """Rendered image side in pixels."""
 
@@ -23,4 +23,4 @@ class ReachPPO(ExperimentConfig):
 
 
 if __name__ == "__main__":
-    run(ReachPPO)
+    main("reach")

@@ -100,7 +100,7 @@ def test_episode_stats_use_the_final_info_of_same_step_autoreset():
     stats.update(np.array([1.0, 0.0]), np.array([False, False]), np.array([False, False]), {})
     info = {"final_info": {"success": np.array([False, True])}}
     stats.update(np.array([0.5, 2.0]), np.array([False, True]), np.array([False, False]), info)
-    assert stats.pop() == [{"return": 2.0, "length": 2, "success": True}]
+    assert stats.pop() == [{"env": 1, "return": 2.0, "length": 2, "success": True}]
     assert stats.returns.tolist() == [1.5, 0.0]
 
 

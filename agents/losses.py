@@ -1,0 +1,65 @@
+"""Pure loss functions on tensors, shared by the algorithms. No model, no config: numbers in, numbers out.
+
+Each one is checked against a hand computation in ``tests/test_losses.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def clipped_surrogate(
+    logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped policy loss per sample (Schulman et al. 2017, https://arxiv.org/abs/1707.06347).
+
+    ``clip_low`` and ``clip_high`` may differ (DAPO's clip-higher, https://arxiv.org/abs/2503.14476);
+    PPO uses one coefficient for both. Returns ``(loss per sample, ratio)``.
+
+    >>> loss, ratio = clipped_surrogate(torch.tensor([0.5]), torch.tensor([0.0]), torch.tensor([1.0]), 0.2, 0.2)
+    >>> round(float(loss), 4), round(float(ratio), 4)  # ratio e^0.5 = 1.6487 is clipped to 1.2
+    (-1.2, 1.6487)
+    """
+    ratio = (logprob - old_logprob).exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    return torch.max(unclipped, clipped), ratio
+
+
+def value_loss(value: torch.Tensor, old_value: torch.Tensor, returns: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """Half squared error to the returns per sample, optionally clipped around the old values (PPO2).
+
+    >>> float(value_loss(torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([3.0]), None))
+    0.5
+    >>> float(value_loss(torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([3.0]), 0.5))  # max(1, 6.25)/2
+    3.125
+    """
+    squared = (value - returns) ** 2
+    if clip is None:
+        return 0.5 * squared
+    clipped = old_value + (value - old_value).clamp(-clip, clip)
+    return 0.5 * torch.max(squared, (clipped - returns) ** 2)
+
+
+def k3_kl(logprob: torch.Tensor, reference_logprob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean over tokens of the k3 estimate of KL(policy || reference).
+
+    k3 = exp(d) - 1 - d with d = log p_ref - log p (http://joschu.net/blog/kl-approx.html): unbiased for
+    samples drawn from the policy and never negative. Arguments are ``(B, T)`` with a boolean ``mask``.
+
+    >>> round(float(k3_kl(torch.tensor([[0.0, -1.0]]), torch.tensor([[-1.0, -1.0]]), torch.tensor([[True, True]]))), 4)
+    0.1839
+    """
+    delta = (reference_logprob - logprob).masked_fill(~mask, 0.0)
+    per_token = delta.exp() - 1 - delta
+    return per_token.sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def approx_kl(log_ratio: torch.Tensor) -> torch.Tensor:
+    """Mean of ``(r - 1) - log r``: the k3 estimate of KL(old || new) that PPO logs and stops early on."""
+    return ((log_ratio.exp() - 1) - log_ratio).mean()
+
+
+def clip_fraction(ratio: torch.Tensor, clip_low: float, clip_high: float) -> torch.Tensor:
+    """Fraction of samples whose ratio left the clipping range."""
+    return ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float().mean()

@@ -1,0 +1,577 @@
+"""What every training run shares, whatever the algorithm: its options, its directory, its checkpoints.
+
+* :class:`RunConfig` holds the options every algorithm has (environment, seed, budget, run directory,
+  tracking, checkpoints, evaluation, the policy); an algorithm's config subclasses it and adds its own.
+* :class:`Run` owns resume-or-start, the run directory (locked while a run writes; a new run never
+  writes into another run's directory), seeding, the logger and progress bar, the checkpoint schema,
+  the final evaluation and the learning-curve plot. An algorithm file calls it and stays about the
+  algorithm.
+
+A checkpoint's ``trainer.pt`` holds plain data only: the config as a dict with the algorithm and
+experiment names, counters, optimizer state, RNG states and the env runner's state (see
+:class:`~agents.rollout.EnvRunner`). Nothing is pickled by class, so renaming a class never breaks a
+checkpoint, and any registered environment, pygame-rendered or made by a lambda, can be checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import importlib
+import os
+import random
+import shutil
+import time
+import typing
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
+
+from agents.checkpoint import POLICY_DIR, CheckpointError, find_checkpoint, load_trainer_state, save_checkpoint
+from agents.errors import ConfigError, RunDirectoryError
+from agents.policy import PolicyConfig
+from agents.rollout import SUCCESS_RULES, EnvRunner, InvalidRule, SuccessRule
+from agents.tracking import RunLogger
+
+#: Version of the ``trainer.pt`` layout written by :meth:`Run.checkpoint`.
+CHECKPOINT_FORMAT = 2
+#: Options that may differ when a run is resumed: they change how a run is watched or how long it goes
+#: on, never what it computes. Every other option is fixed by the run being resumed.
+RESUMABLE_OPTIONS = frozenset(
+    {
+        "resume",
+        "run_dir",
+        "overwrite",
+        "total_env_steps",
+        "progress",
+        "eval_episodes",
+        "track",
+        "wandb_project",
+        "wandb_entity",
+        "wandb_tags",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "sample_every",
+        "video_every",
+    }
+)
+
+
+@dataclass
+class RunConfig:
+    """Options every algorithm shares. Algorithms subclass it (``PPOConfig``, ...)."""
+
+    # --- environment ---------------------------------------------------------------------------------------
+    env_id: str = "vlmrl/GridWorld-v0"
+    """Registered Gymnasium id of an environment with a language spec."""
+    env_kwargs: Annotated[dict[str, Any], tyro.conf.Suppress] = field(default_factory=dict)
+    """Keyword arguments of ``gymnasium.make`` (set from the experiment script's env options)."""
+    env_module: str | None = None
+    """Python module to import first: the one that registers a third-party env (``envs.register_language_env``)."""
+    experiment: Annotated[str | None, tyro.conf.Suppress] = None
+    """Name of the experiment script the env options came from (``gridworld``...), or ``None``."""
+    success_rule: SuccessRule = "terminated_positive_reward"
+    """How success is judged for an env whose ``info`` has no ``success``: ``terminated_positive_reward`` (the
+    episode ended by termination with a positive last reward) or ``positive_return``."""
+    num_envs: int = 8
+    """Parallel environments; one batched ``act`` answers all of them each step."""
+    invalid_rule: InvalidRule = "default"
+    """What moves the env after an invalid answer: the ``default`` action or a ``random`` one."""
+    invalid_default_action: int = 0
+    """The action taken for an invalid answer under ``invalid_rule=default``."""
+
+    # --- run -----------------------------------------------------------------------------------------------
+    exp_name: str = ""
+    """Name of the experiment; part of the run name ``{env}__{exp_name}__{seed}__{time}`` (default: the algorithm)."""
+    seed: int = 1
+    """Seed of the environments, the sampling and the minibatch order."""
+    total_env_steps: int = 20_000
+    """Environment steps to train for (all envs together). On resume, a larger value extends the run."""
+    run_dir: str | None = None
+    """Where metrics, checkpoints and plots go (default ``runs/<run name>``). Must be new or empty."""
+    overwrite: bool = False
+    """Delete what ``run_dir`` holds before starting (instead of refusing to mix two runs)."""
+    resume: str | None = None
+    """Run directory (or checkpoint directory) to continue from. Only the options that do not change what
+    the run computes may be given with it (total_env_steps, progress, eval_episodes, tracking, checkpoints)."""
+    checkpoint_every: int = 10
+    """Save a checkpoint every this many updates (and always at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    track: bool = False
+    """Log to Weights & Biases (offline when no API key is configured)."""
+    wandb_project: str = "vlmrl"
+    """W&B project."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user)."""
+    wandb_tags: tuple[str, ...] = ()
+    """W&B tags."""
+    sample_every: int = 10
+    """Log a table of sample completions every this many updates; 0 never."""
+    video_every: int = 0
+    """Save a GIF of env 0's frames of the rollout every this many updates; 0 never."""
+    eval_episodes: int = 0
+    """Greedy evaluation episodes at the end of training (reported as ``eval/success_rate``)."""
+    progress: bool = True
+    """Show a progress bar with live success rate and steps/s."""
+
+    # --- policy ----------------------------------------------------------------------------------------------
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """Model and policy options (``--model``, ``--temperature``, ``--constrained``, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.resume is None:  # a resumed run's saved config is validated when the run merges it
+            self.validate()
+
+    def validate(self) -> None:
+        """Fail before any model loads, saying what to change. Subclasses extend it."""
+        import gymnasium as gym
+
+        import envs
+        from agents.models import PRESETS, check_model_source
+
+        if self.env_module:
+            import_env_module(self.env_module)
+        if self.num_envs < 1:
+            raise ConfigError(f"num_envs must be >= 1, got {self.num_envs}.")
+        if not self.env_id:
+            raise ConfigError("No environment: name an experiment (vlmrl train gridworld) or give --env-id.")
+        if self.env_id not in gym.registry:
+            raise ConfigError(
+                f"Unknown env_id {self.env_id!r}. Registered VLM environments: {', '.join(envs.language_env_ids())}. "
+                "A third-party env is registered by its own module: pass it with --env-module."
+            )
+        try:
+            spec = envs.get_language(self.env_id)
+        except KeyError as error:
+            raise ConfigError(str(error.args[0])) from None
+        if self.success_rule not in SUCCESS_RULES:
+            raise ConfigError(f"success_rule must be one of {SUCCESS_RULES}, got {self.success_rule!r}.")
+        if self.total_env_steps < 1:
+            raise ConfigError(f"total_env_steps must be >= 1, got {self.total_env_steps}.")
+        if self.eval_episodes < 0:
+            raise ConfigError(f"eval_episodes must be >= 0, got {self.eval_episodes}.")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}.")
+        if not 0 <= self.invalid_default_action < len(spec.action_names):
+            raise ConfigError(
+                f"invalid_default_action={self.invalid_default_action} is not an action of {self.env_id} "
+                f"(0..{len(spec.action_names) - 1}: {spec.action_names})."
+            )
+        model = self.policy.model
+        if model.startswith("tiny") and model not in PRESETS and not Path(model).exists():
+            raise ConfigError(f"Unknown preset {model!r}. Available presets: {', '.join(PRESETS)}.")
+        if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+            raise ConfigError(f"Model directory {model!r} does not exist.")
+        check_model_source(model)
+
+
+def import_env_module(name: str) -> None:
+    """Import the module that registers a third-party environment, with a clear error if it is missing."""
+    try:
+        importlib.import_module(name)
+    except ImportError as error:
+        raise ConfigError(
+            f"Cannot import env_module {name!r} ({error}). Give an importable module (on PYTHONPATH, or "
+            "installed) that registers the environment."
+        ) from error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs as plain data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config as plain data (nested dataclasses become dicts)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(config_class: type, data: dict[str, Any]) -> Any:
+    """Rebuild a config from :func:`config_to_dict`'s output without validating it.
+
+    Options the class no longer has are dropped with a warning (a checkpoint outlives a renamed option);
+    options it gained take their defaults.
+    """
+    hints = typing.get_type_hints(config_class)
+    names = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        warnings.warn(f"Ignoring saved option(s) that {config_class.__name__} no longer has: {unknown}.", stacklevel=2)
+    values = {}
+    for name in names & set(data):
+        value, hint = data[name], hints.get(name)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = config_from_dict(hint, value)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    config = config_class.__new__(config_class)
+    for f in dataclasses.fields(config_class):  # defaults for options added since
+        if f.name not in values:
+            values[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    config.__dict__.update(values)
+    if isinstance(config, PolicyConfig):
+        config.__post_init__()  # normalises tuples and checks the policy options
+    return config
+
+
+def merge_resumed_config(saved: Any, given: Any, defaults: Any) -> Any:
+    """The config of a resumed run: ``saved``, with the resumable options the user gave.
+
+    An option counts as given when it differs from ``defaults`` (what the command line yields with no
+    flags). A given option that is not resumable and differs from the saved run's is refused by name:
+    a resumed run must compute what the original would have.
+    """
+    merged = dataclasses.replace(saved)
+    conflicts = []
+    for f in dataclasses.fields(saved):
+        name = f.name
+        saved_value, given_value, default_value = (getattr(c, name) for c in (saved, given, defaults))
+        if name == "policy":
+            for pf in dataclasses.fields(saved_value):
+                s, g, d = (getattr(c, pf.name) for c in (saved_value, given_value, default_value))
+                if g != d and g != s:
+                    conflicts.append(f"{pf.name} (run: {s!r}, given: {g!r})")
+            continue
+        if given_value in (default_value, saved_value):
+            continue
+        if name in RESUMABLE_OPTIONS:
+            setattr(merged, name, given_value)
+        else:
+            conflicts.append(f"{name} (run: {saved_value!r}, given: {given_value!r})")
+    if conflicts:
+        names = ", ".join("--" + c.split(" ")[0].replace("_", "-") for c in conflicts)
+        raise ConfigError(
+            f"These options cannot change when a run is resumed: {'; '.join(conflicts)}. Drop {names} to "
+            f"resume, or start a new run with them. Options that may change on resume: "
+            f"{', '.join(sorted(o for o in RESUMABLE_OPTIONS if o not in ('resume', 'run_dir', 'overwrite')))}."
+        )
+    merged.resume = given.resume
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seeding
+# ----------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(generator: np.random.Generator) -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "generator": generator.bit_generator.state,
+    }
+
+
+def restore_rng_state(state: dict[str, Any], generator: np.random.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.bit_generator.state = state["generator"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------
+
+
+class RunDirectory:
+    """A run directory held by one process: an exclusive lock, released when the process ends (even by
+    ``kill -9``), so two runs can never write into one directory at the same time."""
+
+    LOCK = ".lock"
+
+    def __init__(self, path: Path, *, new: bool, overwrite: bool) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = (self.path / self.LOCK).open("a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            owner = self._lock.read().strip() or "another process"
+            self._lock.close()
+            raise RunDirectoryError(
+                f"{self.path} is in use by {owner}: two runs cannot write into one directory. Wait for it to "
+                "finish, or choose another --run-dir."
+            ) from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"vlmrl process {os.getpid()}")
+        self._lock.flush()
+        if new:
+            existing = sorted(p.name for p in self.path.iterdir() if p.name != self.LOCK)
+            if existing and not overwrite:
+                self.release()
+                raise RunDirectoryError(
+                    f"{self.path} already holds a run ({', '.join(existing[:4])}{', ...' if len(existing) > 4 else ''}). "
+                    f"Resume it with --resume {self.path}, choose another --run-dir, or pass --overwrite to delete it."
+                )
+            for name in existing:
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+
+    def release(self) -> None:
+        if not self._lock.closed:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+
+class Run:
+    """One training run: resume-or-start, the locked run directory, seeding, logging, checkpoints.
+
+    An algorithm's ``train`` reads::
+
+        run = Run(config, "ppo")                 # starts, or resumes config.resume
+        config = run.config                      # the resumed run's options, when resuming
+        policy = run.load_policy()
+        runner = run.make_env_runner()
+        ...optimizer...
+        run.restore(optimizer=optimizer, runner=runner)
+        for update in run.updates(num_updates):
+            ...
+            run.end_update(update, metrics, policy, optimizer=optimizer, runner=runner)
+        return run.finish(policy)
+
+    Args:
+        config: The algorithm's config (a :class:`RunConfig`).
+        algorithm: Its name (``"ppo"``), saved in checkpoints: a run resumes with the same algorithm only.
+        defaults: What the command line yields with no flags, to tell given options from defaults on
+            resume. Without it, a resumed run takes every option from its checkpoint.
+    """
+
+    def __init__(self, config: RunConfig, algorithm: str, defaults: RunConfig | None = None) -> None:
+        self.algorithm = algorithm
+        self.checkpoint_path: Path | None = None
+        self.state: dict[str, Any] | None = None
+        if config.resume is not None:
+            config = self._resume(config, defaults)
+        self.config = config
+        if not config.exp_name:
+            config.exp_name = algorithm
+        name = f"{config.env_id.split('/')[-1]}__{config.exp_name}__{config.seed}__{int(time.time())}"
+        if self.checkpoint_path is not None:  # a resumed run writes where its checkpoint lives
+            path = self.checkpoint_path.parent.parent
+        else:
+            path = Path(config.run_dir or f"runs/{name}")
+        self.directory = RunDirectory(path, new=self.state is None, overwrite=config.overwrite)
+        self.run_dir = self.directory.path
+        if self.state is not None:
+            self._drop_newer_checkpoints()
+        seed_everything(config.seed)
+        self.generator = np.random.default_rng(config.seed)
+        self.update = self.state["update"] if self.state else 0
+        resumed_rows = self.state["log_rows"] if self.state else None
+        self.logger = RunLogger(
+            self.run_dir,
+            {**config_to_dict(config), "algorithm": algorithm, "run_name": self.run_dir.name},
+            track=config.track,
+            project=config.wandb_project,
+            entity=config.wandb_entity,
+            run_name=self.run_dir.name,
+            tags=config.wandb_tags,
+            resume_id=self.state.get("wandb_id") if self.state else None,
+            keep_rows=resumed_rows,
+        )
+        self.progress: tqdm | None = None
+        self.recent_success: list[float] = []
+
+    # -- start or resume --------------------------------------------------------------------------------------
+    def _resume(self, config: RunConfig, defaults: RunConfig | None) -> RunConfig:
+        resume = Path(config.resume)
+        if not resume.exists():
+            raise CheckpointError(f"--resume {resume}: no such run or checkpoint directory.")
+        self.checkpoint_path = find_checkpoint(resume)
+        state = load_trainer_state(self.checkpoint_path)
+        if not isinstance(state.get("config"), dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{self.checkpoint_path} was written by an older vlmrl (checkpoint format "
+                f"{state.get('format', 1)}, this one reads {CHECKPOINT_FORMAT}); start a new run."
+            )
+        if state["algorithm"] != self.algorithm:
+            raise ConfigError(
+                f"{resume} is a {state['algorithm']} run; resume it with --algo {state['algorithm']}, not {self.algorithm}."
+            )
+        saved = config_from_dict(type(config), state["config"])
+        if defaults is None:  # from Python without defaults: nothing counts as given, the run goes on as saved
+            defaults = config
+        merged = merge_resumed_config(saved, config, defaults)
+        merged.validate()
+        self.state = state
+        return merged
+
+    def _drop_newer_checkpoints(self) -> None:
+        # Checkpoints newer than the one resumed from are damaged (that is why an older one was chosen);
+        # left in place, pruning by update number would keep them and delete the new run's own.
+        for path in sorted((self.run_dir / "checkpoints").glob("update-*")):
+            if path.name > self.checkpoint_path.name:
+                warnings.warn(
+                    f"Removing {path}: it is newer than {self.checkpoint_path.name}, the checkpoint resumed from.",
+                    stacklevel=3,
+                )
+                shutil.rmtree(path, ignore_errors=True)
+
+    def load_policy(self):
+        """The policy of the checkpoint being resumed, or a new one from ``config.policy``."""
+        from agents.policy import load_policy
+
+        if self.checkpoint_path is not None:
+            return load_policy(str(self.checkpoint_path / POLICY_DIR), device=self.config.policy.device)
+        options = config_to_dict(self.config.policy)
+        return load_policy(options.pop("model"), **options)
+
+    def make_env_runner(self) -> EnvRunner:
+        """The training envs, seeded with ``config.seed``, reporting each step to the progress bar."""
+        config = self.config
+        try:
+            return EnvRunner(
+                config.env_id,
+                config.num_envs,
+                config.env_kwargs,
+                seed=config.seed,
+                rng=self.generator,
+                invalid_rule=config.invalid_rule,
+                invalid_default_action=config.invalid_default_action,
+                success_rule=config.success_rule,
+                on_step=self._advance,
+            )
+        except TypeError as error:
+            raise ConfigError(
+                f"{config.env_id} does not take the env options {config.env_kwargs} ({error}). They come from the "
+                f"experiment script{f' {config.experiment!r}' if config.experiment else ''}; to train another "
+                "environment, use its own experiment name or `vlmrl train --env-id ID` with no experiment."
+            ) from error
+
+    def restore(self, *, runner: EnvRunner, **stateful: Any) -> None:
+        """Load the resumed checkpoint's state into ``runner`` and each named object (optimizer...), then
+        the RNG states. A new run: nothing to do."""
+        if self.state is None:
+            return
+        runner.load_state_dict(self.state["runner"])
+        for name, obj in stateful.items():
+            obj.load_state_dict(self.state[name])
+        restore_rng_state(self.state["rng"], self.generator)
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def updates(self, num_updates: int, steps_per_update: int) -> Iterator[int]:
+        """The update indices still to run, with a progress bar in environment steps."""
+        self.num_updates = num_updates
+        done = self.state["runner"]["steps"] if self.state else 0
+        self.progress = tqdm(
+            total=num_updates * steps_per_update, initial=done, disable=not self.config.progress, unit="step"
+        )
+        for update in range(self.update, num_updates):
+            self.update = update
+            yield update
+
+    def _advance(self, steps: int) -> None:
+        if self.progress is not None:
+            self.progress.update(steps)
+
+    def end_update(
+        self,
+        update: int,
+        metrics: dict[str, float],
+        global_step: int,
+        policy,
+        *,
+        finished: list[dict[str, float]],
+        samples: list[dict[str, Any]] | None = None,
+        frames: list[np.ndarray] | None = None,
+        **stateful: Any,
+    ) -> None:
+        """Log one update (metrics, samples, video), show it, and checkpoint when due or at the end.
+
+        ``stateful`` names the objects whose ``state_dict()`` goes into the checkpoint (``optimizer=``,
+        ``runner=``...); :meth:`restore` loads them back under the same names.
+        """
+        config = self.config
+        self.recent_success = ([float(e["success"]) for e in finished] or self.recent_success)[-50:]
+        self.logger.log(metrics, global_step)
+        if self.progress is not None:
+            self.progress.set_postfix(
+                success=f"{np.mean(self.recent_success):.2f}" if self.recent_success else "-",
+                sps=f"{metrics.get('charts/env_steps_per_s', 0.0):.1f}",
+                invalid=f"{metrics.get('charts/invalid_action_rate', 0.0):.2f}",
+            )
+        if samples and config.sample_every and (update + 1) % config.sample_every == 0:
+            self.logger.log_samples(samples, global_step)
+        if frames:
+            self.logger.log_video(frames, global_step)
+        last = update + 1 == self.num_updates
+        if last or (config.checkpoint_every and (update + 1) % config.checkpoint_every == 0):
+            self.checkpoint(update + 1, policy, **stateful)
+
+    def checkpoint(self, update: int, policy, **stateful: Any) -> Path:
+        """Save checkpoint ``update`` (the number of updates done) with the whole trainer state."""
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "algorithm": self.algorithm,
+            "experiment": self.config.experiment,
+            "config": config_to_dict(self.config),
+            "update": update,
+            "rng": rng_state(self.generator),
+            "wandb_id": self.logger.wandb_id,
+            "log_rows": self.logger.rows(),
+            **{name: obj.state_dict() for name, obj in stateful.items()},
+        }
+        return save_checkpoint(self.run_dir, update, policy, state, keep=self.config.keep_checkpoints)
+
+    def finish(self, policy, runner: EnvRunner | None = None) -> Path:
+        """Close the envs, run the final greedy evaluation, draw the learning curve, release the directory."""
+        from agents.evaluation import evaluate_policy
+
+        config = self.config
+        if self.progress is not None:
+            self.progress.close()
+        global_step = runner.steps if runner is not None else 0
+        if runner is not None:
+            runner.close()
+        if config.eval_episodes:
+            result = evaluate_policy(
+                policy,
+                config.env_id,
+                config.env_kwargs,
+                config.eval_episodes,
+                seed=10_000 + config.seed,
+                invalid_default_action=config.invalid_default_action,
+                success_rule=config.success_rule,
+            )
+            self.logger.log(
+                {"eval/success_rate": result["success_rate"], "eval/episodic_return": result["mean_return"]},
+                global_step,
+            )
+        self.logger.finish()
+        self.directory.release()
+        return self.run_dir
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the run directory (after a failure too: ``with Run(...) as run`` does it)."""
+        if self.progress is not None:
+            self.progress.close()
+        self.logger.close()
+        self.directory.release()
