@@ -5,6 +5,7 @@ vlmrl eval RUN_DIR [--episodes N]   evaluate the newest intact checkpoint of a r
 vlmrl demo [--episodes N]           every environment played by its scripted expert
 vlmrl baseline [--experiment gridworld]   SB3 PPO with a CNN on the same environment
 vlmrl plot RUN_DIR... [--out PNG]   learning curves of several runs, with a table
+vlmrl collect gridworld --expert --episodes N --out DIR   expert episodes into a trajectory store
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ def main(argv: list[str] | None = None) -> None:
         from experiments.plot_curves import main as plot
 
         plot(tyro.cli(PlotConfig, args=["--runs", *argv] if argv and not argv[0].startswith("-") else argv))
+    elif command == "collect":
+        import tyro
+
+        from experiments.collect import CollectConfig
+        from experiments.collect import main as collect
+
+        collect(tyro.cli(CollectConfig, args=argv))
     else:
         print(__doc__)
         sys.exit(0 if command in ("-h", "--help", "help") else f"unknown command {command!r}")

@@ -351,3 +351,17 @@ def test_expert_collection_on_gridworld(tmp_path, prompt_style):
                 assert row["thoughts"] is None and row["answer"] == row["action_name"]
             observation, *_ = env.step(row["action"])
         env.close()
+
+
+def test_collect_command(tmp_path):
+    from experiments.cli import experiment_config, main
+
+    main(["collect", "gridworld", "--expert", "--episodes", "3", "--out", str(tmp_path / "store")])
+    dataset = load_trajectories(tmp_path / "store")
+    assert sorted(set(dataset["seed"])) == [0, 1, 2] and all(dataset["success"])
+    assert json.loads(dataset[0]["env_options"]) == experiment_config("gridworld").env_kwargs()
+    assert dataset[0]["prompt_style"] == "cot"
+    with pytest.raises(ValueError, match="--expert"):
+        main(["collect", "gridworld", "--episodes", "3", "--out", str(tmp_path / "other")])
+    with pytest.raises(ValueError, match="Unknown experiment"):
+        main(["collect", "chess", "--expert", "--out", str(tmp_path / "other")])
