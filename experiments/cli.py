@@ -6,6 +6,7 @@ vlmrl eval RUN_DIR [--episodes N]                evaluate the newest intact chec
 vlmrl demo [--episodes N]                        every environment played by its scripted expert
 vlmrl baseline [--experiment gridworld]          SB3 PPO with a CNN on the same environment
 vlmrl plot RUN_DIR... [--out PNG]                learning curves of several runs, with a table
+vlmrl collect gridworld --expert --episodes N --out DIR   expert episodes into a trajectory store
 
 A problem with the input (a bad option, a run directory in use, a missing checkpoint) ends the command
 with one line, "vlmrl: error: ...", that says what to change, and exit status 2.
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         dispatch(command, argv)
     except (VlmrlError, ValueError) as error:
         # Problems with what was asked for: one line, no traceback. Bugs (any other exception) still trace.
-        if isinstance(error, ValueError) and not isinstance(error, VlmrlError) and command not in ("train", "eval"):
+        if isinstance(error, ValueError) and not isinstance(error, VlmrlError) and command not in ("train", "eval", "collect"):
             raise
         message = error.args[0] if error.args else str(error)
         raise SystemExit(f"vlmrl: error: {message}") from None
@@ -96,6 +97,13 @@ def dispatch(command: str, argv: list[str]) -> None:
         from experiments.plot_curves import main as plot
 
         plot(tyro.cli(PlotConfig, args=["--runs", *argv] if argv and not argv[0].startswith("-") else argv))
+    elif command == "collect":
+        import tyro
+
+        from experiments.collect import CollectConfig
+        from experiments.collect import main as collect
+
+        collect(tyro.cli(CollectConfig, args=argv))
     else:
         print(__doc__)
         sys.exit(0 if command in ("-h", "--help", "help") else f"unknown command {command!r}")

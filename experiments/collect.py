@@ -1,0 +1,59 @@
+"""Collect episodes into a trajectory store (``agents/trajectories.py``).
+
+    vlmrl collect gridworld --expert --episodes 300 --out data/gridworld-expert
+    vlmrl collect blackjack --expert --episodes 1000 --out data/blackjack-expert --prompt-style action
+
+The environment and its options are those of the named experiment (``vlmrl train <experiment>``), so the
+store matches what that experiment trains on. Running the command again with the same ``--out`` appends.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import tyro
+
+from agents.trajectories import DEFAULT_SHARD_SIZE
+
+
+@dataclass
+class CollectConfig:
+    experiment: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="EXPERIMENT")]
+    """Experiment whose environment and environment options to play (gridworld, blackjack, ...)."""
+    out: str
+    """Store directory: created if missing, appended to if it is a store already."""
+    expert: bool = False
+    """Answer with the environment's scripted expert (required: the only source of answers so far)."""
+    episodes: int = 100
+    """Episodes to play, with seeds seed .. seed + episodes - 1."""
+    seed: int = 0
+    """Reset seed of the first episode."""
+    prompt_style: Literal["cot", "action"] = "cot"
+    """Answer format: a JSON object with thoughts (the expert's rationale) and action, or the action name."""
+    shard_size: int = DEFAULT_SHARD_SIZE
+    """Steps per shard (whole episodes per shard); a killed collection loses at most the shard in progress."""
+
+
+def main(config: CollectConfig) -> dict:
+    """Collect as ``config`` says, print the summary as JSON and return it."""
+    from agents.trajectories import collect_expert
+    from experiments.cli import EXPERIMENTS, experiment_config
+
+    if config.experiment not in EXPERIMENTS:
+        raise ValueError(f"Unknown experiment {config.experiment!r}; choose one of {', '.join(EXPERIMENTS)}.")
+    if not config.expert:
+        raise ValueError("Say who answers: pass --expert to play the environment's scripted expert.")
+    experiment = experiment_config(config.experiment)
+    summary = collect_expert(
+        experiment.env_id,
+        config.out,
+        episodes=config.episodes,
+        env_kwargs=experiment.env_kwargs(),
+        seed=config.seed,
+        prompt_style=config.prompt_style,
+        shard_size=config.shard_size,
+    )
+    print(json.dumps(summary, indent=2))
+    return summary
