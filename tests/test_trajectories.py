@@ -361,7 +361,7 @@ def test_collect_command(tmp_path):
     assert sorted(set(dataset["seed"])) == [0, 1, 2] and all(dataset["success"])
     assert json.loads(dataset[0]["env_options"]) == experiment_config("gridworld").env_kwargs()
     assert dataset[0]["prompt_style"] == "cot"
-    with pytest.raises(ValueError, match="--expert"):
+    with pytest.raises(SystemExit, match="--expert"):
         main(["collect", "gridworld", "--episodes", "3", "--out", str(tmp_path / "other")])
-    with pytest.raises(ValueError, match="Unknown experiment"):
+    with pytest.raises(SystemExit, match="Unknown experiment"):
         main(["collect", "chess", "--expert", "--out", str(tmp_path / "other")])
