@@ -3,7 +3,8 @@
 ``import envs`` registers every environment below with :func:`gymnasium.register` and attaches its
 :class:`~envs.language.LanguageSpec`. Make one with ``gymnasium.make("vlmrl/GridWorld-v0")``; its
 observations are ``{"image": uint8 (H, W, 3), "text": str}`` and ``env.unwrapped.expert_action()`` gives
-the scripted expert's action.
+the scripted expert's action. :func:`thought_checker` gives an environment's truthful-thought checker (its
+``check_thoughts`` method), or ``None`` for an environment without one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from envs.language import (
     parse_action,
     register_language,
 )
+from envs.thoughts import thought_checker
 
 #: id -> (entry point, episode step limit). The limits are where the TimeLimit truncates an episode.
 VLMRL_ENVS: dict[str, tuple[str, int]] = {
@@ -64,4 +66,5 @@ __all__ = [
     "parse_action",
     "register_language",
     "register_language_env",
+    "thought_checker",
 ]

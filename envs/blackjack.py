@@ -7,6 +7,7 @@ the dealer then draws until their sum reaches 17 (standing on a soft 17).
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import numpy as np
@@ -15,9 +16,18 @@ from gymnasium import spaces
 from envs import drawing
 from envs.base import LanguageEnv, observation_space
 from envs.language import LanguageSpec
+from envs.thoughts import CARD, NUMBER, card_fits, introduced, unclaimed_numbers
 
 STAND, HIT = 0, 1
 _ACTION_NAMES = ("stand", "hit")
+
+# Keywords that introduce the player's sum and the dealer's card in a thought. "card(s)" ends the reach of
+# a player keyword, so that "my cards are 10 and 5" does not read 10 as the sum.
+_PLAYER_WORDS = r"sum|total|my|me|player(?:'s)?|i\s+have|i'm\s+(?:at|on)|i\s+am\s+(?:at|on)"
+_DEALER_WORDS = r"dealer(?:'s|s)?|house"
+_SUM = re.compile(r"(?:\b(soft|hard)\s+)?(" + NUMBER + r")", re.IGNORECASE)
+#: Numbers of the rules that a thought may quote: the dealer stands at 17, the hand busts over 21.
+_RULE_NUMBERS = (17, 21)
 
 
 def card_value(rank: int) -> int:
@@ -104,6 +114,12 @@ class BlackjackEnv(LanguageEnv):
     Observation: the image shows the dealer's face-up card and face-down card above the player's cards;
     when the hand ends, the dealer's cards are revealed and the outcome is written above the player's
     cards. The step text states the hand in words only with ``text_hint=True``.
+
+    Truthful thoughts (``check_thoughts``): a thought must state the player's sum after "sum", "total",
+    "my", "me", "player" or "I have" ("my sum is soft 17"; a "soft" or "hard" before it must be right) and
+    the dealer's face-up card after "dealer" ("the dealer shows 10", "the dealer's card is a K", "dealer: A";
+    an ace may also be written 1 or 11, a jack, queen or king 10 or its letter). Every other number must be
+    the sum, one of the player's card values, the dealer's card, 17 or 21.
 
     Args:
         render_mode: ``"rgb_array"`` (default) or ``None``.
@@ -239,3 +255,34 @@ class BlackjackEnv(LanguageEnv):
         up = "A" if self.dealer_up == 1 else str(self.dealer_up)
         action = _ACTION_NAMES[self.expert_action()]
         return f"My sum is {_describe_total(total, soft)} and the dealer shows {up}, so basic strategy says {action}."
+
+    def check_thoughts(self, thoughts: str) -> bool:
+        """Whether ``thoughts`` states the player's sum and the dealer's face-up card, and nothing false.
+
+        See the class docstring for the rules.
+
+        >>> env = BlackjackEnv()
+        >>> _ = env.reset(seed=3)
+        >>> env.expert_rationale()
+        'My sum is hard 13 and the dealer shows 10, so basic strategy says hit.'
+        >>> env.check_thoughts("Dealer's up card is a 10 while I have 13, so I hit.")
+        True
+        >>> env.check_thoughts("My sum is soft 13 and the dealer shows 10."), env.check_thoughts("I should hit.")
+        (False, False)
+        """
+        total, soft = self.player_total()
+        sums = introduced(thoughts, _PLAYER_WORDS, _SUM, stop=_DEALER_WORDS + r"|cards?")
+        dealer = introduced(thoughts, _DEALER_WORDS, re.compile(CARD), window=6, stop=_PLAYER_WORDS)
+        if not sums or not dealer:
+            return False
+        for match in sums:
+            kind = match.group(1)
+            if float(match.group(2)) != total or (kind is not None and (kind.lower() == "soft") != soft):
+                return False
+        if not all(card_fits(match.group(), self.dealer[0][0], ace_high=True) for match in dealer):
+            return False
+        allowed = {total, self.dealer_up, *self._values(self.player), *_RULE_NUMBERS}
+        if 1 in (self.dealer_up, *self._values(self.player)):
+            allowed.add(11)  # an ace counted high
+        claimed = [match.span() for match in sums + dealer]
+        return all(found.value in allowed for found in unclaimed_numbers(thoughts, claimed))

@@ -6,6 +6,7 @@ all: a policy that reads the image scores 1 every episode, one that does not sco
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,8 +18,14 @@ from envs.language import LanguageSpec
 COLOURS: dict[str, tuple[int, int, int]] = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (30, 80, 220)}
 
 
+_COLOUR_WORDS = re.compile(r"\b(" + "|".join(COLOURS) + r")\b", re.IGNORECASE)
+
+
 class ColourEnv(LanguageEnv):
     """The image is one flat colour; say which. Reward 1 if right, 0 if wrong; one step per episode.
+
+    ``check_thoughts`` passes a thought that names the image's colour and no other of the three colours
+    ("The image is all RED" passes; "red or blue" and "" fail).
 
     >>> env = ColourEnv()
     >>> observation, info = env.reset(seed=0)
@@ -60,3 +67,16 @@ class ColourEnv(LanguageEnv):
 
     def expert_rationale(self) -> str:
         return f"The whole image is {self.language.action_names[self.colour]}."
+
+    def check_thoughts(self, thoughts: str) -> bool:
+        """Whether ``thoughts`` names the colour of the image, and no other colour.
+
+        >>> env = ColourEnv()
+        >>> _ = env.reset(seed=0)
+        >>> env.language.action_names[env.colour]
+        'blue'
+        >>> env.check_thoughts("It is all BLUE."), env.check_thoughts("Blue, or maybe green."), env.check_thoughts("")
+        (True, False, False)
+        """
+        named = {match.lower() for match in _COLOUR_WORDS.findall(thoughts)}
+        return named == {self.language.action_names[self.colour]}

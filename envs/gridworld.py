@@ -6,6 +6,7 @@ one cell is exactly one 16x16 ViT patch. Coordinates are ``(row, column)`` with 
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import Any
 
@@ -14,6 +15,7 @@ from gymnasium import spaces
 
 from envs.base import LanguageEnv, observation_space
 from envs.language import LanguageSpec
+from envs.thoughts import find_cells, find_offsets, keyword_before, unclaimed_numbers
 
 #: (row, column) change of each action, in the order of ``GridWorldEnv.language.action_names``.
 MOVES: tuple[tuple[int, int], ...] = ((-1, 0), (1, 0), (0, -1), (0, 1))
@@ -23,6 +25,21 @@ GRID_LINE_RGB = (180, 180, 180)
 WALL_RGB = (64, 64, 64)
 GOAL_RGB = (40, 170, 60)
 AGENT_RGB = (30, 80, 220)
+
+# How a thought states where the goal is: "N [cells] [to the] direction", measured from the agent unless
+# followed by "of/from the goal" (then it is the agent's place seen from the goal).
+# Each direction word as (axis, sign), axis 0 the row and 1 the column.
+_DIRECTIONS = {"down": (0, 1), "below": (0, 1), "up": (0, -1), "above": (0, -1), "right": (1, 1), "left": (1, -1)}
+_CELL_UNITS = r"cells?|squares?|spaces?|tiles?"
+_GOAL_WORDS = r"goal|green|target|square"
+_CELL_KEYWORDS = {"agent": r"i|i'm|me|my|agent|circle|blue|you|you're", "goal": _GOAL_WORDS, "wall": r"walls?|gr[ae]y"}
+# "N moves" or "N steps" is the length of the shortest path, unless it counts the steps left.
+_PATH_LENGTH = re.compile(r"(?<![\w.-])(\d+)\s+(?:moves?|steps?)\b(?!\s+(?:left|remaining|to\s+spare))", re.IGNORECASE)
+_FIRST_MOVE = re.compile(
+    r"\b(?:starts?|starting|begins?|first\s+(?:move|step)(?:\s+is)?)\s+(?:with\s+|by\s+)?"
+    r"(?:moving\s+|going\s+|a\s+move\s+|a\s+step\s+)?(?:to\s+the\s+)?(up|down|left|right)\b",
+    re.IGNORECASE,
+)
 
 # A layout is rejected and drawn again when the goal is unreachable; past this many draws the settings
 # (many walls in a small grid) almost never give a solvable layout, and we say so instead of looping.
@@ -87,6 +104,16 @@ class GridWorldEnv(LanguageEnv):
             the text gives only the step count, and the positions must be read from the image).
         distance_reward: Weight of potential-based shaping: each move earns ``distance_reward`` times the
             decrease of the shortest-path distance to the goal (0, the default, for the sparse reward only).
+
+    Truthful thoughts (``check_thoughts``): a thought must say where the goal is, either as an offset from
+    the agent ("the goal is 2 cells right and 1 cell up"; a direction left out means no offset that way;
+    "I am 2 cells left of the goal" is read from the goal) or as both cells, written "(row, column)" or
+    "row 2, column 3" and counted from 1 at the top left as in the step text ("I am at (1, 1), the goal
+    at (2, 3)"). On the goal, it must say so ("I am on the goal"). If stated, these must be right too:
+    each cell after "I", "goal" or "wall" (a cell with no such keyword must be the agent's, the goal's
+    or a wall's), "N moves" or "N steps" as the shortest path's length, and the first move ("starts up")
+    as a first move of a shortest path. Every other number must be a step count, the step limit, the grid
+    size, the number of walls, the path length or an offset.
 
     Example:
         >>> env = GridWorldEnv(size=4, n_walls=2)
@@ -277,6 +304,77 @@ class GridWorldEnv(LanguageEnv):
             f"The goal is {describe_offset(d_row, d_col)}; {path} takes {moves} move{'s' if moves > 1 else ''} "
             f"and starts {self.language.action_names[self.expert_action()]}."
         )
+
+    def check_thoughts(self, thoughts: str) -> bool:
+        """Whether ``thoughts`` states where the goal is truly, and nothing false.
+
+        See the class docstring for the rules.
+
+        >>> env = GridWorldEnv()
+        >>> _ = env.reset(seed=0, options={"agent": (3, 1), "goal": (2, 3), "walls": []})
+        >>> env.expert_rationale()
+        'The goal is 2 cells right and 1 cell up; the shortest path takes 3 moves and starts up.'
+        >>> env.check_thoughts(env.expert_rationale())
+        True
+        >>> env.check_thoughts("I am at (4, 2) and the goal is at row 3, column 4: go UP first.")
+        True
+        >>> env.check_thoughts("The goal is 2 cells right."), env.check_thoughts("Up.")
+        (False, False)
+        """
+        d_row, d_col = self.goal[0] - self.agent[0], self.goal[1] - self.agent[1]
+        offsets = find_offsets(thoughts, _DIRECTIONS, _CELL_UNITS)
+        for offset in offsets:
+            # A reference to the goal ("2 cells left of the goal") states the agent's place seen from it.
+            sign = -1 if offset.reference is not None and re.fullmatch(_GOAL_WORDS, offset.reference) else 1
+            stated = {0: False, 1: False}
+            for word, amount in offset.parts:
+                axis, direction = _DIRECTIONS[word]
+                stated[axis] = True
+                if sign * direction * amount != (d_row, d_col)[axis]:
+                    return False
+            if any(not stated[axis] and (d_row, d_col)[axis] != 0 for axis in (0, 1)):
+                return False
+        claimed = [(offset.start, offset.end) for offset in offsets]
+        cells = {"agent": False, "goal": False}
+        for found in find_cells(thoughts):
+            cell = (found.value[0] - 1, found.value[1] - 1)  # the step text counts from 1
+            role = keyword_before(thoughts, found.start, _CELL_KEYWORDS)
+            on_grid = 0 <= cell[0] < self.size and 0 <= cell[1] < self.size
+            truths = {"agent": cell == self.agent, "goal": cell == self.goal, "wall": on_grid and self.walls[cell]}
+            if not (truths[role] if role is not None else any(truths.values())):
+                return False
+            if role in cells:
+                cells[role] = True
+            claimed.append((found.start, found.end))
+        moves = int(self._distances[self.agent])
+        for match in _PATH_LENGTH.finditer(thoughts):
+            if not any(start <= match.start() < end for start, end in claimed):
+                if int(match.group(1)) != moves:
+                    return False
+                claimed.append(match.span())
+        for match in _FIRST_MOVE.finditer(thoughts):
+            d_move_row, d_move_col = MOVES[self.language.action_names.index(match.group(1).lower())]
+            row, col = self.agent[0] + d_move_row, self.agent[1] + d_move_col
+            on_grid = 0 <= row < self.size and 0 <= col < self.size
+            if not (on_grid and self._distances[row, col] == moves - 1 >= 0):
+                return False
+        if self.agent == self.goal:
+            if not re.search(r"\b(?:on|at|reached)\s+the\s+goal\b", thoughts, re.IGNORECASE):
+                return False
+        elif not offsets and not (cells["agent"] and cells["goal"]):
+            return False
+        allowed = {
+            self.steps,
+            self.max_steps,
+            self.max_steps - self.steps,
+            self.size,
+            self.n_walls,
+            moves,
+            abs(d_row),
+            abs(d_col),
+            abs(d_row) + abs(d_col),
+        }
+        return all(found.value in allowed for found in unclaimed_numbers(thoughts, claimed))
 
     # -- observation ------------------------------------------------------------------------------------
     def _text(self) -> str:

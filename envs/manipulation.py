@@ -19,6 +19,7 @@ square on the table right under the gripper (and the pole under the reach ball) 
 from __future__ import annotations
 
 import os
+import re
 
 # The offscreen backend is chosen when mujoco is imported. EGL works headless (with Mesa's software
 # renderer where there is no GPU); a user who exported MUJOCO_GL keeps their choice.
@@ -32,6 +33,7 @@ from gymnasium import spaces  # noqa: E402
 
 from envs.base import LanguageEnv, observation_space  # noqa: E402
 from envs.language import LanguageSpec  # noqa: E402
+from envs.thoughts import NUMBER, find_offsets, find_tuples, keyword_before, unclaimed_numbers  # noqa: E402
 
 ACTION_NAMES: tuple[str, ...] = ("move left", "move right", "move forward", "move backward", "move up", "move down")
 #: World direction of each discrete action (x right, y forward/away from the camera, z up).
@@ -55,6 +57,38 @@ CAMERA_POS = np.array([0.0, -0.44, 0.735])
 CAMERA_LOOKAT = np.array([0.0, 0.02, 0.08])
 #: Height of the gripper's shadow square above the table top.
 _SHADOW_Z = 0.0012
+
+#: How far (centimetres, per axis) a distance in a thought may be from the truth: the rationales round to
+#: whole centimetres, and a paraphrase may round once more.
+THOUGHT_TOLERANCE_CM = 1.0
+# Direction words of a thought as (axis, sign), axes x right, y forward, z up.
+_THOUGHT_DIRECTIONS = {
+    "right": (0, 1),
+    "left": (0, -1),
+    "forward": (1, 1),
+    "forwards": (1, 1),
+    "backward": (1, -1),
+    "backwards": (1, -1),
+    "back": (1, -1),
+    "up": (2, 1),
+    "above": (2, 1),
+    "down": (2, -1),
+    "below": (2, -1),
+}
+_CM_UNIT = r"cm|centimet(?:re|er)s?"
+_DISTANCE_CM = re.compile(rf"({NUMBER})\s*(?:{_CM_UNIT})\b", re.IGNORECASE)
+_WITHIN_HALF_CM = re.compile(r"\bless\s+than\s+(?:half\s+a|0\.5)\s+(?:cm|centimet(?:re|er))", re.IGNORECASE)
+_GRIPPER_WORDS = r"gripper|i|me|my"
+_DIRECTION_WORDS = "|".join(sorted(_THOUGHT_DIRECTIONS, key=len, reverse=True))
+_LARGEST_GAP = re.compile(
+    r"\b(?:largest|biggest|greatest|longest|main)\s+(?:gap|distance|difference|offset)\s+(?:is\s+)?"
+    rf"(?:to\s+the\s+|along\s+)?({_DIRECTION_WORDS})\b",
+    re.IGNORECASE,
+)
+_PUSH_DIRECTION = re.compile(
+    rf"\bpush(?:es|ing)?\s+(?:it|the\s+(?:blue\s+)?(?:box|block|cube))\s+(?:to\s+the\s+)?({_DIRECTION_WORDS})\b",
+    re.IGNORECASE,
+)
 
 # Everything a state snapshot needs to continue a simulation bit for bit: positions, velocities, mocap
 # poses, time and the solver's warm start.
@@ -175,6 +209,16 @@ class TabletopEnv(LanguageEnv):
     and ``expert_rationale``. Reward is 1 on the step that solves the task, which ends the episode, and 0
     otherwise. The environment truncates after ``max_steps`` steps itself (so that the step text can say
     how many steps are left; Gymnasium does not tell an environment its ``TimeLimit``).
+
+    Truthful thoughts (``check_thoughts``): distances are in centimetres, each within
+    ``THOUGHT_TOLERANCE_CM`` of the truth per axis. An offset is one or more "N cm direction" phrases
+    (right/left, forward/backward, up/down; "cm" may be left out); a direction left out means less than the
+    tolerance that way. Followed by "of/from the X", it is the thing named before it (or else the task's
+    other object) seen from X; without one, it is the move still to make (the ball from the gripper in
+    Reach, the disk from the box in Push). Positions written as tuples, "(12.3, -4.0, 0.0)", as in the
+    step text, must be the position of the object named before them. Any other "N cm" must be one of the
+    scene's distances or coordinates; any other number a step count, the step limit or 4 (a move's
+    length). What each task requires besides: see :class:`ReachEnv` and :class:`PushEnv`.
 
     Args:
         render_mode: Only ``"rgb_array"`` (or ``None``).
@@ -350,6 +394,86 @@ class TabletopEnv(LanguageEnv):
         """The state in words, for ``text_hint=True``."""
         raise NotImplementedError
 
+    # -- truthful thoughts ------------------------------------------------------------------------------
+    #: The move still to make as ``(object, reference)`` names of ``_thought_objects``.
+    _thought_gap: ClassVar[tuple[str, str]]
+    #: The axes a thought's offsets are checked on.
+    _thought_axes: ClassVar[tuple[int, ...]] = (0, 1, 2)
+
+    def _thought_objects(self) -> dict[str, tuple[str, np.ndarray]]:
+        """Each object a thought may name: name -> (keyword alternation, position in metres)."""
+        raise NotImplementedError
+
+    def _check_task_claims(self, thoughts: str) -> tuple[bool, bool]:
+        """The task's own claims (words without numbers): whether they are all true, and whether one of them
+        states the move still to make."""
+        return True, False
+
+    def check_thoughts(self, thoughts: str) -> bool:
+        """Whether ``thoughts`` states the move still to make truly, and nothing false.
+
+        See the class docstrings for the rules.
+        """
+        objects = self._thought_objects()
+        tolerance = THOUGHT_TOLERANCE_CM
+
+        def named(word: str | None) -> str | None:
+            return next((name for name, (keys, _) in objects.items() if word and re.fullmatch(keys, word)), None)
+
+        def gap_cm(subject: str, reference: str) -> np.ndarray:
+            return 100 * (objects[subject][1] - objects[reference][1])
+
+        true_so_far, states_gap = self._check_task_claims(thoughts)
+        if not true_so_far:
+            return False
+        claimed: list[tuple[int, int]] = []
+        for offset in find_offsets(thoughts, _THOUGHT_DIRECTIONS, _CM_UNIT):
+            subject, reference = self._thought_gap
+            if named(offset.reference) is not None:
+                reference = named(offset.reference)
+                others = {name: keys for name, (keys, _) in objects.items() if name != reference}
+                default = subject if reference != subject else self._thought_gap[1]
+                subject = keyword_before(thoughts, offset.start, others, window=8) or default
+            if not any(_THOUGHT_DIRECTIONS[word][0] in self._thought_axes for word, _ in offset.parts):
+                continue  # only heights, which Push does not check: the distances below still must be true
+            truth = gap_cm(subject, reference)
+            stated = set()
+            for word, amount in offset.parts:
+                axis, sign = _THOUGHT_DIRECTIONS[word]
+                if axis in self._thought_axes:
+                    stated.add(axis)
+                    if abs(sign * amount - truth[axis]) > tolerance:
+                        return False
+            if any(abs(truth[axis]) > tolerance for axis in self._thought_axes if axis not in stated):
+                return False
+            states_gap = True
+            claimed.append((offset.start, offset.end))
+        for match in _WITHIN_HALF_CM.finditer(thoughts):
+            if np.any(np.abs(gap_cm(*self._thought_gap)[list(self._thought_axes)]) > tolerance):
+                return False
+            states_gap = True
+            claimed.append(match.span())
+        positions = {name: (keys, 100 * position) for name, (keys, position) in objects.items()}
+        for length in (2, 3):
+            for found in find_tuples(thoughts, length):
+                name = keyword_before(thoughts, found.start, {n: keys for n, (keys, _) in positions.items()})
+                candidates = [positions[name][1]] if name is not None else [p for _, p in positions.values()]
+                if not any(np.all(np.abs(np.array(found.value) - p[:length]) <= tolerance) for p in candidates):
+                    return False
+                claimed.append((found.start, found.end))
+        if not states_gap:
+            return False
+        differences = [gap_cm(a, b) for a in objects for b in objects if a < b]
+        lengths_cm = [np.linalg.norm(d[list(self._thought_axes)]) for d in differences]
+        lengths_cm += [abs(v) for vector in differences + [p for _, p in positions.values()] for v in vector]
+        for match in _DISTANCE_CM.finditer(thoughts):
+            if not any(start <= match.start() < end for start, end in claimed):
+                if not any(abs(float(match.group(1)) - length) <= tolerance for length in lengths_cm):
+                    return False
+                claimed.append(match.span())
+        allowed = {self.steps, self.max_steps, self.max_steps - self.steps, round(100 * MAX_STEP_M)}
+        return all(found.value in allowed for found in unclaimed_numbers(thoughts, claimed))
+
     # -- observation ------------------------------------------------------------------------------------
     def _text(self) -> str:
         text = f"Step {self.steps} of {self.max_steps}."
@@ -399,6 +523,12 @@ class ReachEnv(TabletopEnv):
     The ball sits on a thin pole that stands on the table, so its height shows in the image. The gripper
     starts at a random point, the ball at another one at least ``MIN_START_DISTANCE_M`` away. Nothing in
     the scene moves but the gripper, so no physics is simulated.
+
+    Truthful thoughts (``check_thoughts``, rules shared with Push in :class:`TabletopEnv`): a thought must
+    state where the ball is from the gripper ("the ball is 7 cm right and 12 cm down of the gripper",
+    "I must move 7 cm right and 12 cm down", "the gripper is 7 cm left and 12 cm up of the ball"); a
+    "largest gap is <direction>" must name the axis of the largest gap (within the tolerance). The
+    objects are named "gripper", "I", "me" and "ball", "target", "red".
 
     Example:
         >>> env = ReachEnv(image_size=64)
@@ -465,6 +595,19 @@ class ReachEnv(TabletopEnv):
     def _state_words(self) -> str:
         return f"Gripper at {_cm(self.gripper_pos)}, ball at {_cm(self.target_pos)}."
 
+    _thought_gap = ("ball", "gripper")
+
+    def _thought_objects(self) -> dict[str, tuple[str, np.ndarray]]:
+        return {"gripper": (_GRIPPER_WORDS, self.gripper_pos), "ball": (r"ball|target|red|sphere", self.target_pos)}
+
+    def _check_task_claims(self, thoughts: str) -> tuple[bool, bool]:
+        gap_cm = 100 * (self.target_pos - self.gripper_pos)
+        for match in _LARGEST_GAP.finditer(thoughts):
+            axis, sign = _THOUGHT_DIRECTIONS[match.group(1).lower()]
+            if sign * gap_cm[axis] < np.abs(gap_cm).max() - THOUGHT_TOLERANCE_CM:
+                return False, False
+        return True, False
+
     def expert_action(self) -> int:
         """Move along the axis with the largest remaining gap to the ball."""
         gap = self.target_pos - self.gripper_pos
@@ -487,6 +630,15 @@ class PushEnv(TabletopEnv):
     it, the gripper at a random point above the box's height. The gripper cannot be pressed down into the
     top of the box (it stops on it): squeezing a box between a kinematic gripper and the table would
     launch it.
+
+    Truthful thoughts (``check_thoughts``, rules shared with Reach in :class:`TabletopEnv`): a thought must
+    state where the disk is from the box ("the disk is 8 cm right and 4 cm backward of the box"), or the
+    way to push the box ("push the box right", "push it forward": the disk must lie that way from the
+    box). Offsets are checked on the table plane only: an "up" or "down" in them is skipped, and a height
+    alone ("the gripper is 13 cm above the box") need only be one of the scene's distances. "The gripper
+    is 3 cm left of the box" is read as the gripper seen from the box. The objects are named "gripper",
+    "I", "me", "box", "block", "blue" and "disk", "goal", "green"; words such as "behind" or "lined up"
+    are not checked.
 
     Example:
         >>> env = PushEnv(image_size=64)
@@ -639,6 +791,25 @@ class PushEnv(TabletopEnv):
             return action_along(2, 1), f"I must get behind the box to push it {way}; I lift the gripper over it."
         action = action_along(axis, -sign)
         return action, f"I must get behind the box to push it {way}; the gripper is high, so I {ACTION_NAMES[action]}."
+
+    _thought_gap = ("disk", "box")
+    _thought_axes = (0, 1)
+
+    def _thought_objects(self) -> dict[str, tuple[str, np.ndarray]]:
+        return {
+            "gripper": (_GRIPPER_WORDS, self.gripper_pos),
+            "box": (r"box|block|cube|blue", self.box_pos),
+            "disk": (r"disk|disc|goal|green|target", self.goal_pos),
+        }
+
+    def _check_task_claims(self, thoughts: str) -> tuple[bool, bool]:
+        gap = self.goal_pos - self.box_pos
+        matches = list(_PUSH_DIRECTION.finditer(thoughts))
+        for match in matches:
+            axis, sign = _THOUGHT_DIRECTIONS[match.group(1).lower()]
+            if axis == 2 or sign * gap[axis] <= 0:
+                return False, False  # pushing up or down, or away from the disk
+        return True, bool(matches)
 
     def _push(self, axis: int, gap: np.ndarray) -> tuple[int, str]:
         action = action_along(axis, gap[axis])

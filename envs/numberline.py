@@ -6,6 +6,7 @@ global ``random`` module and so ignored the seed), and the image also draws the 
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import numpy as np
@@ -14,11 +15,19 @@ from gymnasium import spaces
 from envs import drawing
 from envs.base import LanguageEnv, observation_space
 from envs.language import LanguageSpec
+from envs.thoughts import NUMBER, introduced, unclaimed_numbers
 
 MINUS, PLUS = 0, 1
 _ACTION_NAMES = ("-", "+")
 _TARGET_RED = (210, 40, 40)
 _CURRENT_BLUE = (30, 80, 200)
+
+# Keywords that introduce the current number and the target in a thought.
+_CURRENT_WORDS = r"current|position|marker|blue|i'm\s+at|i\s+am\s+at|now\s+at"
+_TARGET_WORDS = r"target|goal|red"
+# Words that compare the first-named number with the second: "3 is below the target 5".
+_LESS = re.compile(r"\b(?:below|less|smaller|lower|under)\b", re.IGNORECASE)
+_GREATER = re.compile(r"\b(?:above|greater|larger|bigger|higher|more\s+than)\b", re.IGNORECASE)
 
 
 class NumberLineEnv(LanguageEnv):
@@ -33,6 +42,12 @@ class NumberLineEnv(LanguageEnv):
     Observation: the image writes "Target: t" and "Current: c" in large type above a drawn number line
     that marks the target (red triangle) and the current position (blue disc). The step text says how
     many steps are left; with ``text_hint=True`` it also states both numbers.
+
+    Truthful thoughts (``check_thoughts``): a thought must state the current number after "current",
+    "position" or "I am at", and, unless it already equals the target, the target after "target" or
+    "goal". A comparison word between the two ("below", "less", "above", "greater"...) must compare the
+    first-named number with the second truly. Every other number must be one of the two, their distance,
+    the steps taken or left, the step limit, 0, 1 or ``max_position``.
 
     Args:
         render_mode: ``"rgb_array"`` (default) or ``None``.
@@ -171,3 +186,48 @@ class NumberLineEnv(LanguageEnv):
         relation = "below" if self.position < self.target else "above"
         action = _ACTION_NAMES[self.expert_action()]
         return f"The current number {self.position} is {relation} the target {self.target}, so I choose {action}."
+
+    def check_thoughts(self, thoughts: str) -> bool:
+        """Whether ``thoughts`` states the current number and the target truly, and nothing false.
+
+        See the class docstring for the rules.
+
+        >>> env = NumberLineEnv()
+        >>> _ = env.reset(seed=0)
+        >>> env.expert_rationale()
+        'The current number 3 is below the target 5, so I choose +.'
+        >>> env.check_thoughts("TARGET 5, and my position is 3: one more step up.")
+        True
+        >>> env.check_thoughts("The target 5 is below the current number 3."), env.check_thoughts("Go up.")
+        (False, False)
+        """
+        current = introduced(thoughts, _CURRENT_WORDS, NUMBER, stop=_TARGET_WORDS)
+        target = introduced(thoughts, _TARGET_WORDS, NUMBER, stop=_CURRENT_WORDS)
+        if not current or (not target and self.position != self.target):
+            return False
+        if any(float(m.group()) != self.position for m in current) or any(
+            float(m.group()) != self.target for m in target
+        ):
+            return False
+        if target:
+            # The comparison words between the first mention of each compare the first with the second.
+            first, second = sorted((current[0], target[0]), key=lambda match: match.start())
+            between = thoughts[first.end() : second.start()]
+            first_value, second_value = float(first.group()), float(second.group())
+            if (_LESS.search(between) and not first_value < second_value) or (
+                _GREATER.search(between) and not first_value > second_value
+            ):
+                return False
+        allowed = {
+            self.position,
+            self.target,
+            abs(self.target - self.position),
+            self.steps,
+            self.max_steps - self.steps,
+            self.max_steps,
+            0,
+            1,
+            self.max_position,
+        }
+        claimed = [match.span() for match in current + target]
+        return all(found.value in allowed for found in unclaimed_numbers(thoughts, claimed))

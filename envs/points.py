@@ -10,6 +10,7 @@ exactly 24); the environments use it for legality and scoring, and :func:`solve`
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from typing import Any, ClassVar, NamedTuple
@@ -20,6 +21,7 @@ from gymnasium import spaces
 from envs import drawing
 from envs.base import LanguageEnv, observation_space
 from envs.language import LanguageSpec
+from envs.thoughts import CARD_LIST, cards_in, introduced, same_cards, unclaimed_numbers
 
 NUMBER_TOKENS: tuple[str, ...] = tuple(str(value) for value in range(1, 11))
 OPEN, CLOSE, EQUALS = "(", ")", "="
@@ -396,6 +398,40 @@ def _format(tokens: Sequence[str]) -> str:
     return " ".join(tokens)
 
 
+_FORMULA_TOKEN = re.compile(r"\s*(\d+|[-+*/()]|\u00d7|\u00f7)")
+
+
+def formula_tokens(text: str) -> list[str] | None:
+    """The tokens of a formula written with or without spaces, or ``None`` if ``text`` holds anything but
+    numbers, ``+ - * /`` (or ``\u00d7``, ``\u00f7``), parentheses and spaces.
+
+    >>> formula_tokens("8/(3 - 8/3)")
+    ['8', '/', '(', '3', '-', '8', '/', '3', ')']
+    >>> formula_tokens(" "), formula_tokens("3 + x")
+    ([], None)
+    """
+    tokens, position = [], 0
+    while position < len(text.rstrip()):
+        match = _FORMULA_TOKEN.match(text, position)
+        if match is None:
+            return None
+        tokens.append({"\u00d7": "*", "\u00f7": "/"}.get(match.group(1), match.group(1)))
+        position = match.end()
+    return tokens
+
+
+# Keywords that introduce the card values and the formula written so far in a thought.
+_CARD_WORDS = r"cards?|values?|dealt|i\s+have"
+_FORMULA_WORDS = r"so\s+far|formula|written|wrote|finish"
+# The formula so far as a thought writes it: quoted, a word for "empty", or (right after the keyword, see
+# _LEAD_WORDS) an unquoted run of formula characters.
+_FORMULA_CLAIM = re.compile(r'"([^"]*)"|\b(empty|nothing|blank)\b|([\d(][\d\s+\-*/()\u00d7\u00f7]*)', re.IGNORECASE)
+# Only these words may stand between a keyword and an unquoted formula: in "the formula uses every card
+# and equals 12", 12 is not the formula.
+_LEAD_WORDS = {"is", "so", "far", "now", "reads", "currently", "the", "just"}
+_QUOTED = re.compile(r'"([^"]*)"')
+
+
 class PointsEnv(LanguageEnv):
     """Shared rules of the card arithmetic games; :class:`EZPointsEnv` and :class:`Points24Env` set the numbers.
 
@@ -418,6 +454,14 @@ class PointsEnv(LanguageEnv):
     Observation: the image shows the cards (used ones greyed out) and the formula; the step text shows the
     formula too, as the issue asks, and says when the last action was illegal. With ``text_hint=True`` it
     also lists the card values.
+
+    Truthful thoughts (``check_thoughts``): a thought must list the card values after "cards" or "values"
+    ("the cards 3, 4"; in any order, A/J/Q/K by their letters or values), unless the formula it states
+    already uses every card, and, once something is written, the formula so far after "so far",
+    "formula", "written" or "finish", quoted ('the formula so far is "3 *"') or right after the keyword;
+    an empty formula, if stated, as "empty", "nothing" or "". Any other quoted formula may use only the
+    cards, each once, and if it uses them all it must equal the target. Every other number must be a card
+    value, the target or the number of cards.
 
     Args:
         render_mode: ``"rgb_array"`` (default) or ``None``.
@@ -584,7 +628,9 @@ class PointsEnv(LanguageEnv):
         if solution is None:
             if not self.formula:
                 return f"The cards {cards} cannot make {self.target}, so I end the episode with =."
-            return f"No way to finish {written} with the unused cards makes {self.target}, so I end the episode with =."
+            return (
+                f"No way to finish {written} with the cards {cards} makes {self.target}, so I end the episode with =."
+            )
         if len(solution) == len(self.formula):
             return f"The formula {written} uses every card and equals {self.target}, so I submit it with =."
         next_token = solution[len(self.formula)]
@@ -593,6 +639,69 @@ class PointsEnv(LanguageEnv):
             f'The cards {cards} make {self.target} as "{_format(solution)}"; {so_far}, so the next token is '
             f"{next_token}."
         )
+
+    def check_thoughts(self, thoughts: str) -> bool:
+        """Whether ``thoughts`` states the card values and the formula so far truly, and nothing false.
+
+        See the class docstring for the rules.
+
+        >>> env = EZPointsEnv()
+        >>> _ = env.reset(seed=0)
+        >>> for token in ("3", "+"):
+        ...     _ = env.step(env.language.action_names.index(token))
+        >>> env.expert_rationale()
+        'The cards 9, 3 make 12 as "3 + 9"; the formula so far is "3 +", so the next token is 9.'
+        >>> env.check_thoughts("Written so far: 3+. My cards are 3 and 9, and 3 + 9 = 12: next is 9.")
+        True
+        >>> env.check_thoughts('The cards 9, 3; the formula so far is "3 *".'), env.check_thoughts("Next is 9.")
+        (False, False)
+        """
+        ranks = [rank for rank, _ in self.cards]
+        card_claims = introduced(thoughts, _CARD_WORDS, CARD_LIST, window=3, stop=_FORMULA_WORDS)
+        formula_claims = [
+            match
+            for match in introduced(thoughts, _FORMULA_WORDS, _FORMULA_CLAIM, stop=_CARD_WORDS)
+            if match.group(3) is None or self._right_after_keyword(thoughts, match.start())
+        ]
+        for match in card_claims:
+            if not same_cards(cards_in(match.group()), ranks):
+                return False
+        for match in formula_claims:
+            quoted, empty, unquoted = match.groups()
+            written = [] if empty is not None else formula_tokens(quoted if quoted is not None else unquoted)
+            if written != self.formula:
+                return False
+        if not card_claims and not (formula_claims and all(self.used)):
+            return False  # a formula that uses every card names the cards; otherwise they must be listed
+        if self.formula and not formula_claims:
+            return False
+        claimed = [match.span() for match in card_claims + formula_claims]
+        for match in _QUOTED.finditer(thoughts):
+            tokens = formula_tokens(match.group(1))
+            if tokens is None or any(start <= match.start() < end for start, end in claimed):
+                continue
+            if not self._possible_formula(tokens):
+                return False
+            claimed.append(match.span())
+        allowed = {*self.values, self.target, self.num_cards}
+        return all(found.value in allowed for found in unclaimed_numbers(thoughts, claimed))
+
+    @staticmethod
+    def _right_after_keyword(thoughts: str, position: int) -> bool:
+        """Whether only words like "is" stand between ``position`` and the formula keyword before it."""
+        keyword_end = max((match.end() for match in re.finditer(_FORMULA_WORDS, thoughts[:position], re.I)), default=0)
+        return {word.lower() for word in re.findall(r"[A-Za-z]+", thoughts[keyword_end:position])} <= _LEAD_WORDS
+
+    def _possible_formula(self, tokens: list[str]) -> bool:
+        """Whether a formula a thought quotes uses only the cards, each once, and, if it uses all of them,
+        equals the target."""
+        numbers = sorted(int(token) for token in tokens if token.isdigit())
+        left = list(self.values)
+        for number in numbers:
+            if number not in left:
+                return False
+            left.remove(number)
+        return bool(left) or value_of(parse(tokens)) == self.target
 
 
 class EZPointsEnv(PointsEnv):
