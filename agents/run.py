@@ -15,6 +15,8 @@ checkpoint, and any registered environment, pygame-rendered or made by a lambda,
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import fcntl
 import importlib
@@ -127,7 +129,9 @@ class RunConfig:
     """Model and policy options (``--model``, ``--temperature``, ``--constrained``, ...)."""
 
     def __post_init__(self) -> None:
-        if self.resume is None:  # a resumed run's saved config is validated when the run merges it
+        # A resumed run's saved config is validated when the run merges it; the command line validates
+        # after parsing (see deferred_validation).
+        if self.resume is None and _VALIDATE_ON_INIT.get():
             self.validate()
 
     def validate(self) -> None:
@@ -171,6 +175,19 @@ class RunConfig:
         if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
             raise ConfigError(f"Model directory {model!r} does not exist.")
         check_model_source(model)
+
+
+_VALIDATE_ON_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("validate_on_init", default=True)
+
+
+@contextlib.contextmanager
+def deferred_validation() -> Iterator[None]:
+    """Build configs without validating them (the caller calls ``validate()`` once they are complete)."""
+    token = _VALIDATE_ON_INIT.set(False)
+    try:
+        yield
+    finally:
+        _VALIDATE_ON_INIT.reset(token)
 
 
 def import_env_module(name: str) -> None:
@@ -238,8 +255,14 @@ def merge_resumed_config(saved: Any, given: Any, defaults: Any) -> Any:
         if name == "policy":
             for pf in dataclasses.fields(saved_value):
                 s, g, d = (getattr(c, pf.name) for c in (saved_value, given_value, default_value))
-                if g != d and g != s:
+                if g not in (d, s):
                     conflicts.append(f"{pf.name} (run: {s!r}, given: {g!r})")
+            continue
+        if name == "env_kwargs":  # the experiment's env options, by their own names
+            for key in sorted(set(saved_value) | set(given_value)):
+                s, g, d = (c.get(key) for c in (saved_value, given_value, default_value))
+                if g not in (d, s):
+                    conflicts.append(f"{key} (run: {s!r}, given: {g!r})")
             continue
         if given_value in (default_value, saved_value):
             continue

@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> None:
         dispatch(command, argv)
     except (VlmrlError, ValueError) as error:
         # Problems with what was asked for: one line, no traceback. Bugs (any other exception) still trace.
-        if isinstance(error, ValueError) and not isinstance(error, VlmrlError) and command not in ("train", "eval", "collect"):
+        if (
+            isinstance(error, ValueError)
+            and not isinstance(error, VlmrlError)
+            and command not in ("train", "eval", "collect")
+        ):
             raise
         message = error.args[0] if error.args else str(error)
         raise SystemExit(f"vlmrl: error: {message}") from None

@@ -20,7 +20,7 @@ import tyro
 
 from agents.errors import ConfigError
 from agents.policy import PolicyConfig
-from agents.run import config_from_dict
+from agents.run import config_from_dict, deferred_validation
 from agents.tracking import read_metrics
 
 #: ``--algo`` name -> (module, config class). The module's ``train(config, defaults)`` runs it.
@@ -138,13 +138,14 @@ def parse(experiment: str | None, algorithm: str, args: list[str] | None = None)
     arguments = dataclasses.make_dataclass(
         f"{options_class.__name__}{config_class.__name__}", [("env", options_class), ("algo", config_class)]
     )
-    parsed = tyro.cli(
-        arguments,
-        args=args,
-        default=arguments(env=options_class(), algo=config_from_dict(config_class, dataclasses.asdict(defaults))),
-        config=(tyro.conf.OmitArgPrefixes,),
-        description=f"Train {algorithm} on {experiment or 'a registered environment (--env-id)'}.",
-    )
+    with deferred_validation():  # validated below, once the env options are in: errors as one line
+        parsed = tyro.cli(
+            arguments,
+            args=args,
+            default=arguments(env=options_class(), algo=config_from_dict(config_class, dataclasses.asdict(defaults))),
+            config=(tyro.conf.OmitArgPrefixes,),
+            description=f"Train {algorithm} on {experiment or 'a registered environment (--env-id)'}.",
+        )
     config = parsed.algo
     config.env_kwargs = parsed.env.env_kwargs()
     config.experiment = experiment
