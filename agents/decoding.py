@@ -129,6 +129,7 @@ class AnswerGrammar:
         self.boundaries = [{b for start in starts for b in pieces.spelling(ending, start)} for ending in self.endings]
         # Worst case, a tokenizer spells a forced string one character per token (plus the final EOS).
         self.min_new_tokens = self.longest_ending + 1 + (len(COT_ANSWER_PREFIX) if style == "cot" else 0)
+        self._open_cache: dict[str, frozenset[int]] = {}
 
     @cached_property
     def free_mask(self) -> torch.Tensor:
@@ -180,6 +181,66 @@ class AnswerGrammar:
         if not allowed:  # the answer is complete: only the end of the turn remains
             allowed.update([self.pieces.eos_id] if self.pieces.eos_id is not None else self.pieces.eos_ids)
         return sorted(allowed)
+
+    def reachable(self, text: str, ended: bool = False) -> frozenset[int]:
+        """Indices of the actions that a legal continuation of the answer ``text`` can still end with;
+        ``ended=True``: the answer ends here (an EOS was generated), so only an action it already spells
+        counts. Empty when ``text`` is outside the grammar.
+
+        Until the thoughts close, every action is open (a free token may start any ending); from there on
+        the set follows :meth:`allowed` token by token.
+        """
+        if self.style == "cot":
+            if not text.startswith(COT_ANSWER_PREFIX):
+                open_ = COT_ANSWER_PREFIX.startswith(text) and not ended
+                return frozenset(range(len(self.endings))) if open_ else frozenset()
+            thoughts = text[len(COT_ANSWER_PREFIX) :]
+            if '"' not in thoughts:
+                return frozenset() if ended else frozenset(range(len(self.endings)))
+            tail = thoughts[thoughts.index('"') :]
+        else:
+            tail = text
+        actions = self._open_actions(tail)
+        if ended:
+            return frozenset(i for i in actions if self.endings[i] == tail)
+        return actions
+
+    def _open_actions(self, tail: str) -> frozenset[int]:
+        """The actions reachable from an ending's ``tail`` by the tokens :meth:`_continue_ending` allows."""
+        if tail not in self._open_cache:
+            allowed = self._continue_ending(tail, allow_eos=self.style == "action")
+            actions = set()
+            if allowed is not None:
+                actions = {i for i, ending in enumerate(self.endings) if ending == tail}
+                for token_id in allowed:
+                    if token_id not in self.pieces.special:  # EOS ends the answer: the action is complete
+                        actions |= self._open_actions(tail + self.pieces.pieces[token_id])
+            self._open_cache[tail] = frozenset(actions)
+        return self._open_cache[tail]
+
+    def action_choices(self, texts: list[str], ids: list[int]) -> list[bool]:
+        """For each generated token, whether it chose among actions: before it several actions were open,
+        and it closed some of them.
+
+        Args:
+            texts: The decoded answer before each token and after the last one (``len(ids) + 1`` strings,
+                special tokens skipped, as :class:`AnswerTracker` decodes them).
+            ids: The generated token ids.
+
+        With one spelling per action that is exactly the tokens where the legal continuations lead to
+        different actions, whatever their text: with the tiny tokenizer EZPoints' digits and operators part
+        on ``' "'`` versus ``' "+"}'``, before any character of the action is written.
+        """
+        eos_ids = set(self.pieces.eos_ids)
+        choices = []
+        for index, token_id in enumerate(ids):
+            before = self.reachable(texts[index])
+            if token_id in eos_ids:
+                after = self.reachable(texts[index], ended=True)
+            else:
+                after = self.reachable(texts[index + 1])
+            choices.append(len(before) > 1 and after < before)
+        return choices
 
 
 @dataclass

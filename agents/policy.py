@@ -14,9 +14,12 @@ them, so log-probs from ``act`` and ``evaluate`` agree (tested to 1e-4 for every
 
 Sequence log-prob (RL4VLM, https://arxiv.org/abs/2405.10292, eq. 4): ``lambda * log p(thought tokens)
 + log p(action tokens)``. Action tokens are those whose text overlaps the action value the parser
-found; all other tokens (the thoughts, the JSON punctuation, EOS) are thought tokens. An answer with no
-recognisable action field (broken JSON, prose only) weights every token 1: the whole answer is what the
-environment's response is about, so it is credited in full.
+found, plus every token that chose the action without writing any of it: under constrained decoding,
+each token at which several actions were still open and which closed some of them (with the tiny
+tokenizer EZPoints parts digits from operators on ``' "'`` versus ``' "+"}'``); in free text, the token
+that writes the value's opening quote. All other tokens (the thoughts, the JSON punctuation, EOS) are
+thought tokens. An answer with no recognisable action field (broken JSON, prose only) weights every
+token 1: the whole answer is what the environment's response is about, so it is credited in full.
 """
 
 from __future__ import annotations
@@ -340,7 +343,7 @@ class VLMPolicy(nn.Module):
             response = sequences[row, prompt_length : prompt_length + record.length].cpu()
             text = self.tokenizer.decode(response, skip_special_tokens=True)
             parsed = parse_action(text, specs[row], self.config.prompt_style)
-            weights = self.token_weights(response, parsed.action_span)
+            weights = self.token_weights(response, parsed.action_span, grammars[row] if grammars else None)
             token_logprobs = torch.tensor(record.token_logprobs)
             completions.append(
                 Completion(
@@ -396,19 +399,41 @@ class VLMPolicy(nn.Module):
             return_dict_in_generate=True,
         )
 
-    def token_weights(self, response_ids: torch.Tensor, action_span: tuple[int, int] | None) -> torch.Tensor:
-        """Per-token weights from text offsets: 1 for tokens overlapping the action span, lambda else."""
+    def token_weights(
+        self,
+        response_ids: torch.Tensor,
+        action_span: tuple[int, int] | None,
+        grammar: AnswerGrammar | None = None,
+    ) -> torch.Tensor:
+        """Per-token weights: 1 for action tokens, ``thought_weight`` (lambda) for the rest.
+
+        Action tokens are the tokens whose text overlaps the action value (``action_span``, character
+        offsets in the decoded answer), and besides:
+
+        * constrained answers (``grammar`` given): every token that chose among actions, i.e. where
+          several actions were still open and the token closed some of them
+          (:meth:`AnswerGrammar.action_choices`), whatever its text;
+        * free answers: the token that writes the value's opening quote, where the model chooses
+          between, say, ``' "'`` (then a digit) and a merged ``' "+"}'``.
+
+        An answer without an action field weights every token 1.
+        """
         count = len(response_ids)
         if action_span is None:
             return torch.ones(count)
-        ends = token_end_offsets(self.tokenizer, response_ids.tolist())
+        ids = response_ids.tolist()
+        texts = decoded_prefixes(self.tokenizer, ids)
         start, end = action_span
+        if grammar is None and texts[-1][start - 1 : start] == '"':
+            start -= 1  # a JSON string's opening quote (bare action answers have none)
         weights = torch.full((count,), float(self.config.thought_weight))
         previous = 0
-        for index, token_end in enumerate(ends):
+        for index, token_end in enumerate(text_end_offsets(texts[1:])):
             if previous < end and token_end > start:
                 weights[index] = 1.0
             previous = token_end
+        if grammar is not None:
+            weights[torch.tensor(grammar.action_choices(texts, ids), dtype=torch.bool)] = 1.0
         return weights
 
     # -- evaluating ---------------------------------------------------------------------------------------
@@ -530,16 +555,21 @@ def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def token_end_offsets(tokenizer, ids: list[int]) -> list[int]:
-    """Character offset where each token's text ends in ``tokenizer.decode(ids)``.
+def decoded_prefixes(tokenizer, ids: list[int]) -> list[str]:
+    """``tokenizer.decode(ids[:i])`` for ``i`` in ``0..len(ids)``, special tokens skipped (as ``act`` decodes)."""
+    return [tokenizer.decode(ids[:index], skip_special_tokens=True) for index in range(len(ids) + 1)]
+
+
+def text_end_offsets(prefixes: list[str]) -> list[int]:
+    """Character offset where each token's text ends, from the decoded answer after each token.
 
     Decoding prefixes handles every tokenizer (byte-level BPE, SentencePiece) and special tokens; a token
     that completes a multi-byte character owns that character.
     """
     ends = []
     longest = 0
-    for index in range(len(ids)):
-        longest = max(longest, len(tokenizer.decode(ids[: index + 1], skip_special_tokens=True).rstrip("\ufffd")))
+    for text in prefixes:
+        longest = max(longest, len(text.rstrip("\ufffd")))
         ends.append(longest)
     return ends
 

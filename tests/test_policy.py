@@ -1,8 +1,9 @@
 """Tests of the LVLM policy (agents/policy.py, agents/decoding.py): every family, offline, on tiny presets.
 
-Observations are synthetic ``{"image", "text"}`` dicts and specs are built here, so nothing depends on
-the environment modules. Each preset is loaded once per module (``policy``); tests that change weights
-load their own copy (``fresh``), which takes a fraction of a second for a tiny preset.
+Observations are synthetic ``{"image", "text"}`` dicts and specs are built here, except where a test is
+about the environments' own action sets or answers (token weights for every env's grammar, demonstrations).
+Each preset is loaded once per module (``policy``); tests that change weights load their own copy
+(``fresh``), which takes a fraction of a second for a tiny preset.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+import envs
 from agents.models import PRESETS
 from agents.policy import Completion, PolicyConfig, VLMPolicy, load_policy
-from envs.language import COT_ANSWER_PREFIX, LanguageSpec, format_answer, parse_action
+from envs.language import COT_ANSWER_PREFIX, LanguageSpec, answer_complete, format_answer, parse_action
 
+ALL_ENV_IDS = [*envs.VLMRL_ENV_IDS, "vlmrl/Colour-v0"]
 FAMILY_PRESETS = ["tiny", "tiny-llava-next", "tiny-qwen2vl", "tiny-qwen2.5vl", "tiny-idefics3", "tiny-smolvlm"]
 VISION_NAME_PARTS = ("vision", "visual", "multi_modal_projector", "connector", "merger")
 
@@ -251,9 +254,11 @@ def test_values_without_generating_equal_act_values(policy, make_observations):
 
 
 def expected_weights(policy: VLMPolicy, answer: str, span: tuple[int, int], thought_weight: float) -> list[float]:
-    """1 for tokens whose characters (the tokenizer's own offsets) overlap the span, lambda otherwise."""
+    """1 for tokens whose characters (the tokenizer's own offsets) overlap the span or the value's opening
+    quote, lambda otherwise."""
     encoding = policy.tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
     start, end = span
+    start -= answer[start - 1] == '"'
     return [1.0 if s < end and e > start else thought_weight for s, e in encoding["offset_mapping"]]
 
 
@@ -317,6 +322,108 @@ def test_answer_without_action_span_weights_every_token_one(policy, answer):
     assert parsed.action_span is None and parsed.reason
     ids = torch.tensor(agent.tokenizer.encode(answer, add_special_tokens=False), dtype=torch.long)
     assert torch.equal(agent.token_weights(ids, parsed.action_span), torch.ones(len(ids)))
+
+
+WEIGHT_PRESETS = ["tiny", "tiny-qwen2vl", "tiny-idefics3"]
+# One legal name is a prefix of another and the longer one is more than one token: the token after "move"
+# (the closing '"}', or EOS in the action style) is where "move" and "move left" part.
+PREFIX_NAMES = LanguageSpec("Go or go left.", ("move", "move left"))
+WEIGHT_SPECS = {env_id: envs.get_language(env_id) for env_id in ALL_ENV_IDS} | {"prefix-names": PREFIX_NAMES}
+
+
+def legal_paths(agent: VLMPolicy, spec: LanguageSpec, start_ids: list[int]) -> list[list[int]]:
+    """Every token path the constrained grammar allows after ``start_ids`` (free thoughts already closed
+    for "cot"), each up to where ``act`` stops: the JSON's close, or EOS."""
+    grammar = agent.grammar(spec.action_names)
+    style = agent.config.prompt_style
+    paths = []
+
+    def extend(ids: list[int]) -> None:
+        text = agent.tokenizer.decode(ids, skip_special_tokens=True)
+        if (ids and ids[-1] in agent.pieces.eos_ids) or answer_complete(text, style):
+            paths.append(ids)
+            return
+        allowed = grammar.allowed(text, tokens_left=1000)
+        assert isinstance(allowed, list), (text, allowed)
+        for token_id in allowed:
+            extend([*ids, token_id])
+
+    extend(list(start_ids))
+    return paths
+
+
+def start_ids(agent: VLMPolicy, quote_piece: str | None) -> list[int]:
+    """The answer's opening up to the token that closes the thoughts (none in the action style)."""
+    if agent.config.prompt_style == "action":
+        return []
+    opening = agent.tokenizer.encode(COT_ANSWER_PREFIX + "I see", add_special_tokens=False)
+    return opening + agent.pieces.by_piece[quote_piece][:1]
+
+
+def character_spans(agent: VLMPolicy, ids: list[int]) -> list[tuple[int, int]]:
+    """Each token's characters in the decoded answer (special tokens write none)."""
+    spans, position = [], 0
+    for token_id in ids:
+        length = 0 if token_id in agent.pieces.special else len(agent.pieces.pieces[token_id])
+        spans.append((position, position + length))
+        position += length
+    return spans
+
+
+@pytest.mark.parametrize(("style", "quote_piece"), [("cot", '"'), ("cot", '",'), ("action", None)])
+@pytest.mark.parametrize("env_id", list(WEIGHT_SPECS))
+@pytest.mark.parametrize("preset", WEIGHT_PRESETS)
+def test_every_choice_among_actions_is_an_action_token(policy, preset, env_id, style, quote_piece):
+    spec = WEIGHT_SPECS[env_id]
+    agent = policy(preset, prompt_style=style, constrained=True, thought_weight=0.5)
+    grammar = agent.grammar(spec.action_names)
+    opening = start_ids(agent, quote_piece)
+    paths = legal_paths(agent, spec, opening)
+    texts = [agent.tokenizer.decode(ids, skip_special_tokens=True) for ids in paths]
+    actions = [parse_action(text, spec, style).action for text in texts]
+    assert sorted(actions) == list(range(len(spec.action_names))), texts  # one path per action, all legal
+    # Where the legal paths branch, the token taken decides between actions.
+    children: dict[tuple[int, ...], set[int]] = {}
+    for ids in paths:
+        for index in range(len(opening), len(ids)):
+            children.setdefault(tuple(ids[:index]), set()).add(ids[index])
+
+    for ids, text in zip(paths, texts, strict=True):
+        span = parse_action(text, spec, style).action_span
+        weights = agent.token_weights(torch.tensor(ids), span, grammar).tolist()
+        expected = []
+        for index, (start, end) in enumerate(character_spans(agent, ids)):
+            branches = index >= len(opening) and len(children[tuple(ids[:index])]) > 1
+            expected.append(1.0 if branches or (start < end and start < span[1] and end > span[0]) else 0.5)
+        assert weights == expected, [(agent.pieces.pieces[i], w) for i, w in zip(ids, weights, strict=True)]
+        # Free answers: the text rule, the value's opening quote included.
+        free = agent.token_weights(torch.tensor(ids), span).tolist()
+        quote = span[0] - (text[span[0] - 1 : span[0]] == '"')
+        overlaps = [start < end and start < span[1] and end > quote for start, end in character_spans(agent, ids)]
+        assert free == [1.0 if overlap else 0.5 for overlap in overlaps]
+
+
+@pytest.mark.parametrize(("action", "choice_piece"), [("1", ' "'), ("+", ' "+"}')])
+def test_ezpoints_digit_or_operator_choice_is_an_action_token(policy, action, choice_piece):
+    # The tiny tokenizer spells '", "action": "' + '1"}' as ... '":', ' "', '1', '"}' but '+"}' as ... '":',
+    # ' "+"}': the digit/operator choice is made on ' "', which writes no character of the digit.
+    spec = envs.get_language("vlmrl/EZPoints-v0")
+    agent = policy("tiny", constrained=True, thought_weight=0.5)
+    [path] = [
+        ids
+        for ids in legal_paths(agent, spec, start_ids(agent, '"'))
+        if parse_action(agent.tokenizer.decode(ids), spec).action == spec.action_names.index(action)
+    ]
+    text = agent.tokenizer.decode(path)
+    weights = agent.token_weights(
+        torch.tensor(path), parse_action(text, spec).action_span, agent.grammar(spec.action_names)
+    )
+    pieces = [agent.pieces.pieces[token_id] for token_id in path]
+    marker = pieces.index('":', 3)  # the key's colon, after the thoughts
+    assert pieces[marker + 1] == choice_piece
+    assert [piece for piece, weight in zip(pieces, weights, strict=True) if weight == 1.0] == [
+        piece for piece in pieces[marker + 1 :] if piece != '"}'
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
