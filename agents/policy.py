@@ -437,11 +437,15 @@ class VLMPolicy(nn.Module):
         return weights
 
     # -- evaluating ---------------------------------------------------------------------------------------
-    def evaluate(self, completions: list[Completion]) -> Evaluation:
+    def evaluate(self, completions: list[Completion], temperature: float | None = None) -> Evaluation:
         """Recompute log-probs, entropy and values of stored completions, with gradients.
 
         Call it on one micro-batch at a time and backpropagate before the next (see ``agents/ppo.py``).
+        ``temperature``: of the distribution the log-probs are taken under; ``None`` is the sampling
+        temperature (``config.temperature``), as PPO's ratios need; SFT and DPO likelihoods use 1.0.
         """
+        if temperature is not None and temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
         inputs = self.encode([c.prompt for c in completions], [c.image for c in completions])
         prompt_ids = inputs.pop("input_ids")
         prompt_mask = inputs.pop("attention_mask")
@@ -475,7 +479,7 @@ class VLMPolicy(nn.Module):
         finally:
             self._capture = None
         value = self.value_head(self._hidden[:, prompt_length - 1])
-        logits = output.logits[:, :-1].float() / self.config.temperature
+        logits = output.logits[:, :-1].float() / (self.config.temperature if temperature is None else temperature)
         if self.suppressed_ids:  # as in act (AnswerTracker)
             logits[..., self.suppressed_ids] = float("-inf")
         if any(c.constraints is not None for c in completions):
@@ -504,12 +508,13 @@ class VLMPolicy(nn.Module):
         return masks
 
     @torch.no_grad()
-    def reference_logprobs(self, completions: list[Completion]) -> Evaluation:
-        """Log-probs under the base model (LoRA switched off): the reference of a KL penalty."""
+    def reference_logprobs(self, completions: list[Completion], temperature: float | None = None) -> Evaluation:
+        """Log-probs under the base model (LoRA switched off): the reference of a KL penalty (or of DPO, at
+        ``temperature=1.0``; see :meth:`evaluate`)."""
         if not hasattr(self.model, "disable_adapter"):
             raise ValueError("A reference policy needs LoRA (lora_rank > 0); full fine-tuning keeps no base copy.")
         with self.model.disable_adapter():
-            return self.evaluate(completions)
+            return self.evaluate(completions, temperature)
 
     # -- saving -------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:

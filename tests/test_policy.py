@@ -768,3 +768,23 @@ def test_format_answer_round_trips_through_weights(policy):
     ids = torch.tensor(agent.tokenizer.encode(answer, add_special_tokens=False))
     weights = agent.token_weights(ids, parsed.action_span)
     assert agent.tokenizer.decode(ids[weights == 1.0].tolist()).strip(' "') == "stand"
+
+
+def test_evaluate_refuses_a_non_positive_temperature(policy, make_observations):
+    agent = policy("tiny", max_new_tokens=UNCONSTRAINED_TOKENS)
+    completions = act(agent, make_observations(["x"]), BLACKJACK)
+    with pytest.raises(ValueError, match="temperature"):
+        agent.evaluate(completions, temperature=0.0)
+
+
+def test_evaluate_at_temperature_one_is_the_models_own_likelihood(policy, make_observations):
+    sampling = policy("tiny", max_new_tokens=UNCONSTRAINED_TOKENS)
+    unit = policy("tiny", max_new_tokens=UNCONSTRAINED_TOKENS, temperature=1.0)
+    completions = act(sampling, make_observations(STEP_TEXTS), BLACKJACK)
+    with torch.no_grad():
+        at_one = sampling.evaluate(completions, temperature=1.0)
+        expected = unit.evaluate(completions)
+        at_sampling_temperature = sampling.evaluate(completions)
+    torch.testing.assert_close(at_one.logprob, expected.logprob, rtol=0, atol=1e-5)
+    torch.testing.assert_close(at_one.entropy, expected.entropy, rtol=0, atol=1e-5)
+    assert (at_one.logprob - at_sampling_temperature.logprob).abs().min() > 1.0
