@@ -359,6 +359,81 @@ class AnswerTracker:
         return self.rows
 
 
+def replay_answer(
+    answer: str, grammar: AnswerGrammar, tokenizer, max_new_tokens: int
+) -> tuple[list[int], list[str | list[int] | None]]:
+    """The token ids and per-token constraints that constrained ``act`` records when it writes ``answer``.
+
+    The :class:`AnswerTracker`'s rules are replayed token by token: forced text takes the grammar's one
+    spelling (at a choice, the allowed token that spells the most of the answer), free thoughts the
+    tokenizer's own spelling of the rest of the answer, and the answer closes where ``act`` stops: at the
+    JSON object's close (``"cot"``), or with the EOS after a bare action (``"action"``). The constraint of
+    token ``i`` is ``grammar.allowed(answer so far, max_new_tokens - i)``, as in ``act``.
+
+    Raises:
+        ValueError: ``act`` cannot write ``answer`` under this grammar; the message says which part.
+    """
+    pieces = grammar.pieces
+
+    def refuse(why: str) -> ValueError:
+        shown = answer if len(answer) <= 80 else answer[:77] + "..."
+        return ValueError(f"Constrained decoding cannot write the answer {shown!r}: {why}.")
+
+    if grammar.style == "cot" and not answer.startswith(COT_ANSWER_PREFIX):
+        raise refuse(f"a chain-of-thought answer starts with {COT_ANSWER_PREFIX!r}")
+    ids: list[int] = []
+    constraints: list[str | list[int] | None] = []
+    text = ""
+    free_ids: list[int] | None = None  # the tokenizer's spelling of the answer's rest, from the thoughts on
+    while not answer_complete(text, grammar.style) and text != answer:
+        if len(ids) == max_new_tokens:
+            raise refuse(f"it needs more than max_new_tokens={max_new_tokens} tokens")
+        allowed = grammar.allowed(text, max_new_tokens - len(ids))
+        if allowed == FREE:
+            if free_ids is None:
+                free_ids = tokenizer.encode(answer[len(text) :], add_special_tokens=False)
+            if not free_ids:
+                raise refuse("it ends inside the thoughts")
+            token_id = free_ids.pop(0)
+            if not grammar.free_mask[token_id]:
+                raise refuse(
+                    f"the thoughts contain {pieces.pieces[token_id]!r}; free thoughts never hold a backslash, a "
+                    "control character, a special token, or a quote that does not start the action"
+                )
+        else:
+            rest = answer[len(text) :] if answer.startswith(text) else None
+            fits = [t for t in allowed or [] if t not in pieces.special and rest and rest.startswith(pieces.pieces[t])]
+            if not fits:
+                thoughts = text[len(COT_ANSWER_PREFIX) :]
+                if grammar.style == "cot" and text.startswith(COT_ANSWER_PREFIX) and '"' not in thoughts:
+                    raise refuse(
+                        f"its thoughts need more tokens than max_new_tokens={max_new_tokens} leaves (the action "
+                        f"is forced from token {len(ids)} on)"
+                    )
+                expected = [pieces.pieces[t] for t in allowed or [] if t not in pieces.special]
+                if not expected:
+                    raise refuse(f"the answer is complete after {text!r}, where act stops")
+                raise refuse(f"after {text[-30:]!r} only {expected} may follow, not {(rest or '')[:30]!r}")
+            token_id = max(fits, key=lambda t: len(pieces.pieces[t]))
+        ids.append(token_id)
+        constraints.append(allowed)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+    if text != answer:
+        raise refuse(f"the answer is complete after {text!r}, where act stops")
+    if not answer_complete(text, grammar.style):
+        if grammar.style == "cot":
+            raise refuse("its JSON object does not close")
+        allowed = grammar.allowed(text, max_new_tokens - len(ids))
+        eos = [t for t in allowed or [] if t in pieces.eos_ids]
+        if not eos:
+            raise refuse(f"{text!r} is not a whole legal action")
+        if len(ids) == max_new_tokens:
+            raise refuse(f"it needs more than max_new_tokens={max_new_tokens} tokens with its EOS")
+        ids.append(pieces.eos_id if pieces.eos_id in eos else eos[0])
+        constraints.append(allowed)
+    return ids, constraints
+
+
 def constraint_mask(
     constraint: str | list[int] | None, grammar: AnswerGrammar | None, vocab_size: int, device: torch.device
 ) -> torch.Tensor:

@@ -42,9 +42,10 @@ from agents.decoding import (
     TrackerLogits,
     TrackerStop,
     constraint_mask,
+    replay_answer,
 )
 from agents.models import PRESETS, Family, load_model, quiet_progress, resolve_dtype, seeded, tiny_chat_template
-from envs.language import PROMPT_STYLES, LanguageSpec, build_prompt, parse_action
+from envs.language import PROMPT_STYLES, LanguageSpec, answer_complete, build_prompt, parse_action
 
 POLICY_FILE = "policy.json"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -110,7 +111,8 @@ class PolicyConfig:
 
 @dataclass
 class Completion:
-    """One answered observation, with everything needed to recompute its log-prob and value."""
+    """One answered observation, with everything needed to recompute its log-prob and value: written by
+    :meth:`VLMPolicy.act`, or given (a demonstration) and built by :meth:`VLMPolicy.completions_for`."""
 
     prompt: str
     """The full prompt string given to the processor (chat template applied)."""
@@ -121,7 +123,7 @@ class Completion:
     response_ids: torch.Tensor
     """Generated token ids, 1-D, EOS included when the model produced it."""
     token_weights: torch.Tensor
-    """Per-token weight in the sequence log-prob: ``thought_weight`` or 1."""
+    """Per-token weight in the sequence log-prob: ``thought_weight`` or 1 (see :meth:`VLMPolicy.token_weights`)."""
     constraints: list[str | list[int] | None] | None
     """Per generated token: which tokens were allowed (``None`` everywhere when unconstrained)."""
     text: str
@@ -131,11 +133,11 @@ class Completion:
     reason: str | None
     """Why the answer is invalid."""
     logprob: float
-    """Weighted sequence log-prob under the sampling distribution."""
+    """Weighted sequence log-prob under the sampling distribution (``completions_for``: at temperature 1)."""
     token_logprobs: torch.Tensor
-    """Per-token log-probs under the sampling distribution."""
+    """Per-token log-probs under the sampling distribution (``completions_for``: at temperature 1)."""
     entropy: float
-    """Mean per-token entropy of the sampling distribution."""
+    """Mean per-token entropy of the sampling distribution (``completions_for``: at temperature 1)."""
     value: float
     """Value head's estimate for the prompt."""
 
@@ -363,6 +365,104 @@ class VLMPolicy(nn.Module):
                 )
             )
         return completions
+
+    @torch.no_grad()
+    def completions_for(
+        self,
+        observations: Any,
+        spec: LanguageSpec | list[LanguageSpec],
+        answers: list[str],
+        score: bool = True,
+    ) -> list[Completion]:
+        """Completions for given answers (demonstrations, preference pairs), as if ``act`` had written them.
+
+        The prompt is ``act``'s; the answer's tokens are those ``act`` would generate for this text: under
+        constrained decoding the forced parts in the grammar's one spelling, the free thoughts in the
+        tokenizer's own, and the constraints ``act`` would record, so ``evaluate`` applies the same masks;
+        free answers in the tokenizer's spelling. The answer ends where ``act``'s would: a complete JSON
+        answer without EOS (``act`` stops when the object closes), anything else (a bare action name, prose)
+        with the tokenizer's EOS. Weights follow :meth:`token_weights`.
+
+        Args:
+            observations: As for :meth:`act`.
+            spec: The language spec (or one per observation).
+            answers: One answer text per observation, e.g. ``envs.format_answer(name, thoughts=...)``.
+            score: Fill ``logprob``, ``token_logprobs``, ``entropy`` and ``value`` from one ``evaluate`` pass
+                at temperature 1 (the model's own likelihood, as SFT and DPO want; no gradients). ``False``
+                leaves them at zero.
+
+        Raises:
+            ValueError: ``act`` could never write an answer: under constrained decoding, an illegal action,
+                a malformed answer, forbidden characters in the thoughts, too long for ``max_new_tokens``;
+                free or constrained, text after the point where ``act`` stops.
+        """
+        images, texts = split_observations(observations)
+        specs = spec if isinstance(spec, list) else [spec] * len(images)
+        if not len(images) == len(specs) == len(answers):
+            raise ValueError(f"Got {len(images)} observations, {len(specs)} language specs and {len(answers)} answers.")
+        completions = []
+        for image, step_text, row_spec, answer in zip(images, texts, specs, answers):
+            parsed = parse_action(answer, row_spec, self.config.prompt_style)
+            grammar = None
+            if self.config.constrained:
+                if not parsed.valid:
+                    raise ValueError(
+                        f"Constrained decoding only writes legal actions; answer {answer!r}: {parsed.reason}."
+                    )
+                grammar = self.grammar(row_spec.action_names)
+                ids, constraints = replay_answer(answer, grammar, self.tokenizer, self.config.max_new_tokens)
+            else:
+                ids, constraints = self._free_answer_ids(answer), None
+            response = torch.tensor(ids, dtype=torch.long)
+            completions.append(
+                Completion(
+                    prompt=self.prompt_text(row_spec, step_text),
+                    image=np.asarray(image),
+                    action_names=row_spec.action_names,
+                    response_ids=response,
+                    token_weights=self.token_weights(response, parsed.action_span, grammar),
+                    constraints=constraints,
+                    text=answer,
+                    action=parsed.action,
+                    reason=parsed.reason,
+                    logprob=0.0,
+                    token_logprobs=torch.zeros(len(ids)),
+                    entropy=0.0,
+                    value=0.0,
+                )
+            )
+        if score and completions:
+            evaluation = self.evaluate(completions, temperature=1.0)
+            for row, completion in enumerate(completions):
+                completion.logprob = float(evaluation.logprob[row])
+                completion.token_logprobs = evaluation.token_logprobs[row, : len(completion.response_ids)].cpu()
+                completion.entropy = float(evaluation.entropy[row])
+                completion.value = float(evaluation.value[row])
+        return completions
+
+    def _free_answer_ids(self, answer: str) -> list[int]:
+        """The tokenizer's spelling of an unconstrained answer, ending where ``act`` would end it."""
+        ids = self.tokenizer.encode(answer, add_special_tokens=False)
+        style = self.config.prompt_style
+        for length in range(1, len(ids)):
+            written = self.tokenizer.decode(ids[:length], skip_special_tokens=True)
+            if ids[length - 1] in self.pieces.eos_ids or answer_complete(written, style):
+                raise ValueError(f"act stops generating after {written!r}; the answer {answer!r} goes on.")
+        if set(ids) & set(self.suppressed_ids):
+            raise ValueError(f"The answer {answer!r} holds an image placeholder token, which act never samples.")
+        decoded = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if decoded != answer:
+            raise ValueError(f"The tokenizer does not reproduce the answer {answer!r}: it decodes as {decoded!r}.")
+        if not answer_complete(answer, style):
+            if self.pieces.eos_id is None:
+                raise ValueError(f"The answer {answer!r} is incomplete and the tokenizer has no EOS to end it.")
+            ids.append(self.pieces.eos_id)
+        if len(ids) > self.config.max_new_tokens:
+            raise ValueError(
+                f"The answer {answer[:60]!r}... takes {len(ids)} tokens, more than max_new_tokens="
+                f"{self.config.max_new_tokens}."
+            )
+        return ids
 
     @torch.no_grad()
     def values(self, observations: Any, spec: LanguageSpec | list[LanguageSpec]) -> torch.Tensor:

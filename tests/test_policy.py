@@ -9,7 +9,10 @@ Each preset is loaded once per module (``policy``); tests that change weights lo
 from __future__ import annotations
 
 import json
+import re
+from contextlib import contextmanager
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -768,6 +771,214 @@ def test_format_answer_round_trips_through_weights(policy):
     ids = torch.tensor(agent.tokenizer.encode(answer, add_special_tokens=False))
     weights = agent.token_weights(ids, parsed.action_span)
     assert agent.tokenizer.decode(ids[weights == 1.0].tolist()).strip(' "') == "stand"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Completions for given answers: demonstrations (SFT) and preference pairs (DPO)
+# ----------------------------------------------------------------------------------------------------------
+
+DEMO_ENVS = ["vlmrl/GridWorld-v0", "vlmrl/Blackjack-v0", "vlmrl/EZPoints-v0"]
+DEMO_PRESETS = ["tiny", "tiny-qwen2vl"]
+DEMO_TOKENS = 96  # room for the longest expert rationale used here
+
+
+def env_steps(env_id: str, seeds: list[int]) -> tuple[list[dict], list[str], list[str]]:
+    """Observations after a reset with each seed, with the expert's action name and rationale there."""
+    env = gym.make(env_id)
+    names = envs.get_language(env_id).action_names
+    observations, actions, rationales = [], [], []
+    for seed in seeds:
+        observation, _ = env.reset(seed=seed)
+        observations.append(observation)
+        actions.append(names[env.unwrapped.expert_action()])
+        rationales.append(env.unwrapped.expert_rationale())
+    env.close()
+    return observations, actions, rationales
+
+
+@contextmanager
+def steered(agent: VLMPolicy, targets: list[list[int]], margin: float = 1.0):
+    """Make ``targets[row][i]`` the favourite i-th answer token of row ``row`` (its logit set ``margin``
+    above the best one), both in ``generate`` (one position per forward) and in ``evaluate`` (all at once).
+
+    Greedy ``act`` then writes exactly the targets, while the log-probs stay those of a real, spread
+    distribution, which ``evaluate`` under the same hook must reproduce.
+    """
+    step = 0
+
+    def favour(logits: torch.Tensor, row: int, position: int, token_id: int) -> None:
+        logits[row, position, token_id] = logits[row, position].max() + margin
+
+    def hook(module, args, logits):
+        nonlocal step
+        logits = logits.clone()
+        if logits.shape[1] == 1:  # generate: this forward predicts answer token `step`
+            for row, target in enumerate(targets):
+                if step < len(target):
+                    favour(logits, row, 0, target[step])
+            step += 1
+        else:  # evaluate: position j predicts answer token j
+            for row, target in enumerate(targets):
+                for position in range(min(len(target), logits.shape[1])):
+                    favour(logits, row, position, target[position])
+        return logits
+
+    handle = agent.model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def plain_quotes(thoughts: str) -> str:
+    """Constrained thoughts hold no quote (JSON would escape it with a backslash)."""
+    return thoughts.replace('"', "'")
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "constrained"])
+@pytest.mark.parametrize("style", ["cot", "action"])
+@pytest.mark.parametrize("env_id", DEMO_ENVS)
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
+def test_completions_for_rebuild_what_act_wrote(policy, preset, env_id, style, constrained):
+    agent = policy(preset, prompt_style=style, constrained=constrained, temperature=1.0, max_new_tokens=DEMO_TOKENS)
+    spec = envs.get_language(env_id)
+    observations, expert_actions, rationales = env_steps(env_id, [0, 1, 2])
+    # The expert's action and two others (EZPoints: a digit and an operator, whichever the expert chose).
+    actions = [expert_actions[0], spec.action_names[0], spec.action_names[-1]]
+    if style == "action" and constrained:
+        # Every token is forced or an action choice: whatever act samples, it spells as completions_for does.
+        torch.manual_seed(0)
+        acted = agent.act(observations, spec)
+        hook_targets = None
+    else:
+        answers = [format_answer(a, plain_quotes(r), style) for a, r in zip(actions, rationales, strict=True)]
+        hook_targets = [
+            c.response_ids.tolist() for c in agent.completions_for(observations, spec, answers, score=False)
+        ]
+        with steered(agent, hook_targets):
+            acted = agent.act(observations, spec, greedy=True)
+        assert [c.text for c in acted] == answers  # act stopped where completions_for ends the answer
+
+    rebuilt = agent.completions_for(observations, spec, [c.text for c in acted])
+
+    for a, b in zip(acted, rebuilt, strict=True):
+        assert (b.prompt, b.text, b.action, b.reason, b.action_names) == (
+            a.prompt,
+            a.text,
+            a.action,
+            a.reason,
+            a.action_names,
+        )
+        assert torch.equal(b.response_ids, a.response_ids), (a.text, a.response_ids, b.response_ids)
+        assert b.constraints == a.constraints
+        assert torch.equal(b.token_weights, a.token_weights)
+        assert np.array_equal(b.image, a.image)
+    if hook_targets is None:
+        assert_act_matches_evaluate(agent, rebuilt)  # rebuilt carries its own log-probs, at temperature 1
+    with steered(agent, hook_targets or []), torch.no_grad():
+        evaluation = agent.evaluate(rebuilt, temperature=1.0)
+    torch.testing.assert_close(evaluation.logprob, torch.tensor([c.logprob for c in acted]), rtol=0, atol=1e-4)
+    for row, completion in enumerate(acted):
+        token_logprobs = evaluation.token_logprobs[row, : len(completion.response_ids)]
+        torch.testing.assert_close(token_logprobs, completion.token_logprobs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "constrained"])
+@pytest.mark.parametrize("env_id", ["vlmrl/GridWorld-v0", "vlmrl/Blackjack-v0"])
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
+def test_expert_demonstration_likelihood_is_greedy_acts(policy, preset, env_id, constrained):
+    sampling = policy(preset, constrained=constrained, max_new_tokens=DEMO_TOKENS)  # temperature 0.2, as PPO samples
+    spec = envs.get_language(env_id)
+    observations, actions, rationales = env_steps(env_id, [3, 4])
+    answers = [format_answer(name, thoughts=thoughts) for name, thoughts in zip(actions, rationales, strict=True)]
+
+    demos = sampling.completions_for(observations, spec, answers)
+
+    for demo, answer, name in zip(demos, answers, actions, strict=True):
+        assert demo.text == answer and spec.action_names[demo.action] == name
+        assert demo.response_ids[-1].item() not in sampling.pieces.eos_ids  # act stops at the closing "}
+        assert (demo.constraints is not None) == constrained
+        assert np.isfinite(demo.logprob) and demo.logprob < 0
+        weighted = float((demo.token_weights * demo.token_logprobs).sum())
+        assert demo.logprob == pytest.approx(weighted, rel=1e-6, abs=1e-5)  # float32 sums in another order
+    # Likelihoods are the model's own (temperature 1), whatever temperature the policy samples at.
+    unit = policy(preset, constrained=constrained, max_new_tokens=DEMO_TOKENS, temperature=1.0)
+    same = unit.completions_for(observations, spec, answers)
+    torch.testing.assert_close(torch.tensor([d.logprob for d in same]), torch.tensor([d.logprob for d in demos]))
+    with torch.no_grad():
+        at_sampling_temperature = sampling.evaluate(demos).logprob
+    assert (at_sampling_temperature - torch.tensor([d.logprob for d in demos])).abs().min() > 1.0
+    # The unweighted sum of the demo's token log-probs is the log-likelihood greedy act gives to writing it.
+    with steered(unit, [d.response_ids.tolist() for d in demos]):
+        acted = unit.act(observations, spec, greedy=True)
+        with torch.no_grad():
+            evaluation = unit.evaluate(demos, temperature=1.0)
+    assert [c.text for c in acted] == answers
+    torch.testing.assert_close(
+        evaluation.token_logprobs.sum(-1), torch.stack([c.token_logprobs.sum() for c in acted]), rtol=0, atol=1e-4
+    )
+
+
+LONG_THOUGHTS = "the dealer shows a ten and I hold a hard sixteen " * 4
+ILLEGAL_ANSWERS = [
+    ("cot", format_answer("fold", "no"), "not one of"),
+    ("cot", '{"thoughts": "x", "action": "hit"', "legal actions"),
+    ("cot", '{"action": "hit", "thoughts": "x"}', 'starts with \'{"thoughts": "\''),
+    ("cot", format_answer("hit", 'the card says "10"'), "backslash"),
+    ("cot", format_answer("hit", "two\nlines"), "backslash"),
+    ("cot", format_answer("hit", "x") + " and more", "where act stops"),
+    ("cot", '{"thoughts": "x",  "action": "hit"}', "may follow"),
+    ("cot", format_answer("hit", LONG_THOUGHTS), "max_new_tokens"),
+    ("action", "Hit", "may follow"),
+    ("action", "hi", "not one of"),
+    ("action", "hit\n", "where act stops"),
+]
+
+
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
+@pytest.mark.parametrize(("style", "answer", "message"), ILLEGAL_ANSWERS)
+def test_completions_for_refuses_what_constrained_act_cannot_write(policy, preset, style, answer, message):
+    agent = policy(preset, prompt_style=style, constrained=True, max_new_tokens=CONSTRAINED_TOKENS)
+    observations = [{"image": np.zeros((32, 32, 3), dtype=np.uint8), "text": ""}]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        agent.completions_for(observations, BLACKJACK, [answer])
+
+
+def test_expert_thoughts_with_quotes_are_refused_under_constraints_only(policy):
+    # EZPoints' rationale quotes the formula: JSON escapes the quotes, and constrained thoughts hold no backslash.
+    observations, actions, rationales = env_steps("vlmrl/EZPoints-v0", [0])
+    spec = envs.get_language("vlmrl/EZPoints-v0")
+    answer = format_answer(actions[0], rationales[0])
+    assert '\\"' in answer
+    free = policy("tiny", max_new_tokens=DEMO_TOKENS).completions_for(observations, spec, [answer])
+    assert free[0].valid and np.isfinite(free[0].logprob)
+    with pytest.raises(ValueError, match="backslash"):
+        policy("tiny", constrained=True, max_new_tokens=DEMO_TOKENS).completions_for(observations, spec, [answer])
+
+
+@pytest.mark.parametrize(
+    ("style", "answer", "message"),
+    [
+        ("cot", format_answer("hit", "x") + " and more", "act stops generating after"),
+        ("cot", format_answer("hit", LONG_THOUGHTS * 3), "max_new_tokens"),
+        ("action", "hit\nstand", "act stops generating after"),
+    ],
+)
+def test_completions_for_refuses_free_answers_act_would_cut(policy, style, answer, message):
+    agent = policy("tiny", prompt_style=style, max_new_tokens=UNCONSTRAINED_TOKENS)
+    observations = [{"image": np.zeros((32, 32, 3), dtype=np.uint8), "text": ""}]
+    with pytest.raises(ValueError, match=message):
+        agent.completions_for(observations, BLACKJACK, [answer])
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "constrained"])
+def test_bare_action_demonstration_ends_with_eos_like_act(policy, constrained):
+    agent = policy("tiny", prompt_style="action", constrained=constrained, max_new_tokens=16)
+    observations = [{"image": np.zeros((32, 32, 3), dtype=np.uint8), "text": ""}]
+    [demo] = agent.completions_for(observations, BLACKJACK, ["stand"], score=False)
+    assert demo.response_ids[-1].item() == agent.pieces.eos_id
+    assert agent.tokenizer.decode(demo.response_ids[:-1]) == "stand"
+    assert (demo.logprob, demo.value) == (0.0, 0.0) and not demo.token_logprobs.any()
 
 
 def test_evaluate_refuses_a_non_positive_temperature(policy, make_observations):
