@@ -129,6 +129,7 @@ class AnswerGrammar:
         self.boundaries = [{b for start in starts for b in pieces.spelling(ending, start)} for ending in self.endings]
         # Worst case, a tokenizer spells a forced string one character per token (plus the final EOS).
         self.min_new_tokens = self.longest_ending + 1 + (len(COT_ANSWER_PREFIX) if style == "cot" else 0)
+        self._open_cache: dict[str, frozenset[int]] = {}
 
     @cached_property
     def free_mask(self) -> torch.Tensor:
@@ -180,6 +181,66 @@ class AnswerGrammar:
         if not allowed:  # the answer is complete: only the end of the turn remains
             allowed.update([self.pieces.eos_id] if self.pieces.eos_id is not None else self.pieces.eos_ids)
         return sorted(allowed)
+
+    def reachable(self, text: str, ended: bool = False) -> frozenset[int]:
+        """Indices of the actions that a legal continuation of the answer ``text`` can still end with;
+        ``ended=True``: the answer ends here (an EOS was generated), so only an action it already spells
+        counts. Empty when ``text`` is outside the grammar.
+
+        Until the thoughts close, every action is open (a free token may start any ending); from there on
+        the set follows :meth:`allowed` token by token.
+        """
+        if self.style == "cot":
+            if not text.startswith(COT_ANSWER_PREFIX):
+                open_ = COT_ANSWER_PREFIX.startswith(text) and not ended
+                return frozenset(range(len(self.endings))) if open_ else frozenset()
+            thoughts = text[len(COT_ANSWER_PREFIX) :]
+            if '"' not in thoughts:
+                return frozenset() if ended else frozenset(range(len(self.endings)))
+            tail = thoughts[thoughts.index('"') :]
+        else:
+            tail = text
+        actions = self._open_actions(tail)
+        if ended:
+            return frozenset(i for i in actions if self.endings[i] == tail)
+        return actions
+
+    def _open_actions(self, tail: str) -> frozenset[int]:
+        """The actions reachable from an ending's ``tail`` by the tokens :meth:`_continue_ending` allows."""
+        if tail not in self._open_cache:
+            allowed = self._continue_ending(tail, allow_eos=self.style == "action")
+            actions = set()
+            if allowed is not None:
+                actions = {i for i, ending in enumerate(self.endings) if ending == tail}
+                for token_id in allowed:
+                    if token_id not in self.pieces.special:  # EOS ends the answer: the action is complete
+                        actions |= self._open_actions(tail + self.pieces.pieces[token_id])
+            self._open_cache[tail] = frozenset(actions)
+        return self._open_cache[tail]
+
+    def action_choices(self, texts: list[str], ids: list[int]) -> list[bool]:
+        """For each generated token, whether it chose among actions: before it several actions were open,
+        and it closed some of them.
+
+        Args:
+            texts: The decoded answer before each token and after the last one (``len(ids) + 1`` strings,
+                special tokens skipped, as :class:`AnswerTracker` decodes them).
+            ids: The generated token ids.
+
+        With one spelling per action that is exactly the tokens where the legal continuations lead to
+        different actions, whatever their text: with the tiny tokenizer EZPoints' digits and operators part
+        on ``' "'`` versus ``' "+"}'``, before any character of the action is written.
+        """
+        eos_ids = set(self.pieces.eos_ids)
+        choices = []
+        for index, token_id in enumerate(ids):
+            before = self.reachable(texts[index])
+            if token_id in eos_ids:
+                after = self.reachable(texts[index], ended=True)
+            else:
+                after = self.reachable(texts[index + 1])
+            choices.append(len(before) > 1 and after < before)
+        return choices
 
 
 @dataclass
@@ -296,6 +357,81 @@ class AnswerTracker:
             del record.entropies[record.length :]
             del record.constraints[record.length :]
         return self.rows
+
+
+def replay_answer(
+    answer: str, grammar: AnswerGrammar, tokenizer, max_new_tokens: int
+) -> tuple[list[int], list[str | list[int] | None]]:
+    """The token ids and per-token constraints that constrained ``act`` records when it writes ``answer``.
+
+    The :class:`AnswerTracker`'s rules are replayed token by token: forced text takes the grammar's one
+    spelling (at a choice, the allowed token that spells the most of the answer), free thoughts the
+    tokenizer's own spelling of the rest of the answer, and the answer closes where ``act`` stops: at the
+    JSON object's close (``"cot"``), or with the EOS after a bare action (``"action"``). The constraint of
+    token ``i`` is ``grammar.allowed(answer so far, max_new_tokens - i)``, as in ``act``.
+
+    Raises:
+        ValueError: ``act`` cannot write ``answer`` under this grammar; the message says which part.
+    """
+    pieces = grammar.pieces
+
+    def refuse(why: str) -> ValueError:
+        shown = answer if len(answer) <= 80 else answer[:77] + "..."
+        return ValueError(f"Constrained decoding cannot write the answer {shown!r}: {why}.")
+
+    if grammar.style == "cot" and not answer.startswith(COT_ANSWER_PREFIX):
+        raise refuse(f"a chain-of-thought answer starts with {COT_ANSWER_PREFIX!r}")
+    ids: list[int] = []
+    constraints: list[str | list[int] | None] = []
+    text = ""
+    free_ids: list[int] | None = None  # the tokenizer's spelling of the answer's rest, from the thoughts on
+    while not answer_complete(text, grammar.style) and text != answer:
+        if len(ids) == max_new_tokens:
+            raise refuse(f"it needs more than max_new_tokens={max_new_tokens} tokens")
+        allowed = grammar.allowed(text, max_new_tokens - len(ids))
+        if allowed == FREE:
+            if free_ids is None:
+                free_ids = tokenizer.encode(answer[len(text) :], add_special_tokens=False)
+            if not free_ids:
+                raise refuse("it ends inside the thoughts")
+            token_id = free_ids.pop(0)
+            if not grammar.free_mask[token_id]:
+                raise refuse(
+                    f"the thoughts contain {pieces.pieces[token_id]!r}; free thoughts never hold a backslash, a "
+                    "control character, a special token, or a quote that does not start the action"
+                )
+        else:
+            rest = answer[len(text) :] if answer.startswith(text) else None
+            fits = [t for t in allowed or [] if t not in pieces.special and rest and rest.startswith(pieces.pieces[t])]
+            if not fits:
+                thoughts = text[len(COT_ANSWER_PREFIX) :]
+                if grammar.style == "cot" and text.startswith(COT_ANSWER_PREFIX) and '"' not in thoughts:
+                    raise refuse(
+                        f"its thoughts need more tokens than max_new_tokens={max_new_tokens} leaves (the action "
+                        f"is forced from token {len(ids)} on)"
+                    )
+                expected = [pieces.pieces[t] for t in allowed or [] if t not in pieces.special]
+                if not expected:
+                    raise refuse(f"the answer is complete after {text!r}, where act stops")
+                raise refuse(f"after {text[-30:]!r} only {expected} may follow, not {(rest or '')[:30]!r}")
+            token_id = max(fits, key=lambda t: len(pieces.pieces[t]))
+        ids.append(token_id)
+        constraints.append(allowed)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+    if text != answer:
+        raise refuse(f"the answer is complete after {text!r}, where act stops")
+    if not answer_complete(text, grammar.style):
+        if grammar.style == "cot":
+            raise refuse("its JSON object does not close")
+        allowed = grammar.allowed(text, max_new_tokens - len(ids))
+        eos = [t for t in allowed or [] if t in pieces.eos_ids]
+        if not eos:
+            raise refuse(f"{text!r} is not a whole legal action")
+        if len(ids) == max_new_tokens:
+            raise refuse(f"it needs more than max_new_tokens={max_new_tokens} tokens with its EOS")
+        ids.append(pieces.eos_id if pieces.eos_id in eos else eos[0])
+        constraints.append(allowed)
+    return ids, constraints
 
 
 def constraint_mask(

@@ -14,9 +14,12 @@ them, so log-probs from ``act`` and ``evaluate`` agree (tested to 1e-4 for every
 
 Sequence log-prob (RL4VLM, https://arxiv.org/abs/2405.10292, eq. 4): ``lambda * log p(thought tokens)
 + log p(action tokens)``. Action tokens are those whose text overlaps the action value the parser
-found; all other tokens (the thoughts, the JSON punctuation, EOS) are thought tokens. An answer with no
-recognisable action field (broken JSON, prose only) weights every token 1: the whole answer is what the
-environment's response is about, so it is credited in full.
+found, plus every token that chose the action without writing any of it: under constrained decoding,
+each token at which several actions were still open and which closed some of them (with the tiny
+tokenizer EZPoints parts digits from operators on ``' "'`` versus ``' "+"}'``); in free text, the token
+that writes the value's opening quote. All other tokens (the thoughts, the JSON punctuation, EOS) are
+thought tokens. An answer with no recognisable action field (broken JSON, prose only) weights every
+token 1: the whole answer is what the environment's response is about, so it is credited in full.
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ from agents.decoding import (
     TrackerLogits,
     TrackerStop,
     constraint_mask,
+    replay_answer,
 )
 from agents.models import PRESETS, Family, load_model, quiet_progress, resolve_dtype, seeded, tiny_chat_template
-from envs.language import PROMPT_STYLES, LanguageSpec, build_prompt, parse_action
+from envs.language import PROMPT_STYLES, LanguageSpec, answer_complete, build_prompt, parse_action
 
 POLICY_FILE = "policy.json"
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -109,7 +113,8 @@ class PolicyConfig:
 
 @dataclass
 class Completion:
-    """One answered observation, with everything needed to recompute its log-prob and value."""
+    """One answered observation, with everything needed to recompute its log-prob and value: written by
+    :meth:`VLMPolicy.act`, or given (a demonstration) and built by :meth:`VLMPolicy.completions_for`."""
 
     prompt: str
     """The full prompt string given to the processor (chat template applied)."""
@@ -120,7 +125,7 @@ class Completion:
     response_ids: torch.Tensor
     """Generated token ids, 1-D, EOS included when the model produced it."""
     token_weights: torch.Tensor
-    """Per-token weight in the sequence log-prob: ``thought_weight`` or 1."""
+    """Per-token weight in the sequence log-prob: ``thought_weight`` or 1 (see :meth:`VLMPolicy.token_weights`)."""
     constraints: list[str | list[int] | None] | None
     """Per generated token: which tokens were allowed (``None`` everywhere when unconstrained)."""
     text: str
@@ -130,11 +135,11 @@ class Completion:
     reason: str | None
     """Why the answer is invalid."""
     logprob: float
-    """Weighted sequence log-prob under the sampling distribution."""
+    """Weighted sequence log-prob under the sampling distribution (``completions_for``: at temperature 1)."""
     token_logprobs: torch.Tensor
-    """Per-token log-probs under the sampling distribution."""
+    """Per-token log-probs under the sampling distribution (``completions_for``: at temperature 1)."""
     entropy: float
-    """Mean per-token entropy of the sampling distribution."""
+    """Mean per-token entropy of the sampling distribution (``completions_for``: at temperature 1)."""
     value: float
     """Value head's estimate for the prompt."""
 
@@ -343,7 +348,7 @@ class VLMPolicy(nn.Module):
             response = sequences[row, prompt_length : prompt_length + record.length].cpu()
             text = self.tokenizer.decode(response, skip_special_tokens=True)
             parsed = parse_action(text, specs[row], self.config.prompt_style)
-            weights = self.token_weights(response, parsed.action_span)
+            weights = self.token_weights(response, parsed.action_span, grammars[row] if grammars else None)
             token_logprobs = torch.tensor(record.token_logprobs)
             completions.append(
                 Completion(
@@ -363,6 +368,104 @@ class VLMPolicy(nn.Module):
                 )
             )
         return completions
+
+    @torch.no_grad()
+    def completions_for(
+        self,
+        observations: Any,
+        spec: LanguageSpec | list[LanguageSpec],
+        answers: list[str],
+        score: bool = True,
+    ) -> list[Completion]:
+        """Completions for given answers (demonstrations, preference pairs), as if ``act`` had written them.
+
+        The prompt is ``act``'s; the answer's tokens are those ``act`` would generate for this text: under
+        constrained decoding the forced parts in the grammar's one spelling, the free thoughts in the
+        tokenizer's own, and the constraints ``act`` would record, so ``evaluate`` applies the same masks;
+        free answers in the tokenizer's spelling. The answer ends where ``act``'s would: a complete JSON
+        answer without EOS (``act`` stops when the object closes), anything else (a bare action name, prose)
+        with the tokenizer's EOS. Weights follow :meth:`token_weights`.
+
+        Args:
+            observations: As for :meth:`act`.
+            spec: The language spec (or one per observation).
+            answers: One answer text per observation, e.g. ``envs.format_answer(name, thoughts=...)``.
+            score: Fill ``logprob``, ``token_logprobs``, ``entropy`` and ``value`` from one ``evaluate`` pass
+                at temperature 1 (the model's own likelihood, as SFT and DPO want; no gradients). ``False``
+                leaves them at zero.
+
+        Raises:
+            ValueError: ``act`` could never write an answer: under constrained decoding, an illegal action,
+                a malformed answer, forbidden characters in the thoughts, too long for ``max_new_tokens``;
+                free or constrained, text after the point where ``act`` stops.
+        """
+        images, texts = split_observations(observations)
+        specs = spec if isinstance(spec, list) else [spec] * len(images)
+        if not len(images) == len(specs) == len(answers):
+            raise ValueError(f"Got {len(images)} observations, {len(specs)} language specs and {len(answers)} answers.")
+        completions = []
+        for image, step_text, row_spec, answer in zip(images, texts, specs, answers):
+            parsed = parse_action(answer, row_spec, self.config.prompt_style)
+            grammar = None
+            if self.config.constrained:
+                if not parsed.valid:
+                    raise ValueError(
+                        f"Constrained decoding only writes legal actions; answer {answer!r}: {parsed.reason}."
+                    )
+                grammar = self.grammar(row_spec.action_names)
+                ids, constraints = replay_answer(answer, grammar, self.tokenizer, self.config.max_new_tokens)
+            else:
+                ids, constraints = self._free_answer_ids(answer), None
+            response = torch.tensor(ids, dtype=torch.long)
+            completions.append(
+                Completion(
+                    prompt=self.prompt_text(row_spec, step_text),
+                    image=np.asarray(image),
+                    action_names=row_spec.action_names,
+                    response_ids=response,
+                    token_weights=self.token_weights(response, parsed.action_span, grammar),
+                    constraints=constraints,
+                    text=answer,
+                    action=parsed.action,
+                    reason=parsed.reason,
+                    logprob=0.0,
+                    token_logprobs=torch.zeros(len(ids)),
+                    entropy=0.0,
+                    value=0.0,
+                )
+            )
+        if score and completions:
+            evaluation = self.evaluate(completions, temperature=1.0)
+            for row, completion in enumerate(completions):
+                completion.logprob = float(evaluation.logprob[row])
+                completion.token_logprobs = evaluation.token_logprobs[row, : len(completion.response_ids)].cpu()
+                completion.entropy = float(evaluation.entropy[row])
+                completion.value = float(evaluation.value[row])
+        return completions
+
+    def _free_answer_ids(self, answer: str) -> list[int]:
+        """The tokenizer's spelling of an unconstrained answer, ending where ``act`` would end it."""
+        ids = self.tokenizer.encode(answer, add_special_tokens=False)
+        style = self.config.prompt_style
+        for length in range(1, len(ids)):
+            written = self.tokenizer.decode(ids[:length], skip_special_tokens=True)
+            if ids[length - 1] in self.pieces.eos_ids or answer_complete(written, style):
+                raise ValueError(f"act stops generating after {written!r}; the answer {answer!r} goes on.")
+        if set(ids) & set(self.suppressed_ids):
+            raise ValueError(f"The answer {answer!r} holds an image placeholder token, which act never samples.")
+        decoded = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if decoded != answer:
+            raise ValueError(f"The tokenizer does not reproduce the answer {answer!r}: it decodes as {decoded!r}.")
+        if not answer_complete(answer, style):
+            if self.pieces.eos_id is None:
+                raise ValueError(f"The answer {answer!r} is incomplete and the tokenizer has no EOS to end it.")
+            ids.append(self.pieces.eos_id)
+        if len(ids) > self.config.max_new_tokens:
+            raise ValueError(
+                f"The answer {answer[:60]!r}... takes {len(ids)} tokens, more than max_new_tokens="
+                f"{self.config.max_new_tokens}."
+            )
+        return ids
 
     @torch.no_grad()
     def values(self, observations: Any, spec: LanguageSpec | list[LanguageSpec]) -> torch.Tensor:
@@ -400,27 +503,53 @@ class VLMPolicy(nn.Module):
             return_dict_in_generate=True,
         )
 
-    def token_weights(self, response_ids: torch.Tensor, action_span: tuple[int, int] | None) -> torch.Tensor:
-        """Per-token weights from text offsets: 1 for tokens overlapping the action span, lambda else."""
+    def token_weights(
+        self,
+        response_ids: torch.Tensor,
+        action_span: tuple[int, int] | None,
+        grammar: AnswerGrammar | None = None,
+    ) -> torch.Tensor:
+        """Per-token weights: 1 for action tokens, ``thought_weight`` (lambda) for the rest.
+
+        Action tokens are the tokens whose text overlaps the action value (``action_span``, character
+        offsets in the decoded answer), and besides:
+
+        * constrained answers (``grammar`` given): every token that chose among actions, i.e. where
+          several actions were still open and the token closed some of them
+          (:meth:`AnswerGrammar.action_choices`), whatever its text;
+        * free answers: the token that writes the value's opening quote, where the model chooses
+          between, say, ``' "'`` (then a digit) and a merged ``' "+"}'``.
+
+        An answer without an action field weights every token 1.
+        """
         count = len(response_ids)
         if action_span is None:
             return torch.ones(count)
-        ends = token_end_offsets(self.tokenizer, response_ids.tolist())
+        ids = response_ids.tolist()
+        texts = decoded_prefixes(self.tokenizer, ids)
         start, end = action_span
+        if grammar is None and texts[-1][start - 1 : start] == '"':
+            start -= 1  # a JSON string's opening quote (bare action answers have none)
         weights = torch.full((count,), float(self.config.thought_weight))
         previous = 0
-        for index, token_end in enumerate(ends):
+        for index, token_end in enumerate(text_end_offsets(texts[1:])):
             if previous < end and token_end > start:
                 weights[index] = 1.0
             previous = token_end
+        if grammar is not None:
+            weights[torch.tensor(grammar.action_choices(texts, ids), dtype=torch.bool)] = 1.0
         return weights
 
     # -- evaluating ---------------------------------------------------------------------------------------
-    def evaluate(self, completions: list[Completion]) -> Evaluation:
+    def evaluate(self, completions: list[Completion], temperature: float | None = None) -> Evaluation:
         """Recompute log-probs, entropy and values of stored completions, with gradients.
 
         Call it on one micro-batch at a time and backpropagate before the next (see ``agents/ppo.py``).
+        ``temperature``: of the distribution the log-probs are taken under; ``None`` is the sampling
+        temperature (``config.temperature``), as PPO's ratios need; SFT and DPO likelihoods use 1.0.
         """
+        if temperature is not None and temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
         # transformers recomputes activations (gradient checkpointing) only in training mode; dropout was
         # switched off at load time, so training mode computes the same function that acted.
         self.model.train(self.config.gradient_checkpointing and torch.is_grad_enabled())
@@ -457,7 +586,7 @@ class VLMPolicy(nn.Module):
         finally:
             self._capture = None
         value = self.value_head(self._hidden[:, prompt_length - 1])
-        logits = output.logits[:, :-1].float() / self.config.temperature
+        logits = output.logits[:, :-1].float() / (self.config.temperature if temperature is None else temperature)
         if self.suppressed_ids:  # as in act (AnswerTracker)
             logits[..., self.suppressed_ids] = float("-inf")
         if any(c.constraints is not None for c in completions):
@@ -486,12 +615,13 @@ class VLMPolicy(nn.Module):
         return masks
 
     @torch.no_grad()
-    def reference_logprobs(self, completions: list[Completion]) -> Evaluation:
-        """Log-probs under the base model (LoRA switched off): the reference of a KL penalty."""
+    def reference_logprobs(self, completions: list[Completion], temperature: float | None = None) -> Evaluation:
+        """Log-probs under the base model (LoRA switched off): the reference of a KL penalty (or of DPO, at
+        ``temperature=1.0``; see :meth:`evaluate`)."""
         if not hasattr(self.model, "disable_adapter"):
             raise ValueError("A reference policy needs LoRA (lora_rank > 0); full fine-tuning keeps no base copy.")
         with self.model.disable_adapter():
-            return self.evaluate(completions)
+            return self.evaluate(completions, temperature)
 
     # -- saving -------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
@@ -537,16 +667,21 @@ def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def token_end_offsets(tokenizer, ids: list[int]) -> list[int]:
-    """Character offset where each token's text ends in ``tokenizer.decode(ids)``.
+def decoded_prefixes(tokenizer, ids: list[int]) -> list[str]:
+    """``tokenizer.decode(ids[:i])`` for ``i`` in ``0..len(ids)``, special tokens skipped (as ``act`` decodes)."""
+    return [tokenizer.decode(ids[:index], skip_special_tokens=True) for index in range(len(ids) + 1)]
+
+
+def text_end_offsets(prefixes: list[str]) -> list[int]:
+    """Character offset where each token's text ends, from the decoded answer after each token.
 
     Decoding prefixes handles every tokenizer (byte-level BPE, SentencePiece) and special tokens; a token
     that completes a multi-byte character owns that character.
     """
     ends = []
     longest = 0
-    for index in range(len(ids)):
-        longest = max(longest, len(tokenizer.decode(ids[: index + 1], skip_special_tokens=True).rstrip("\ufffd")))
+    for text in prefixes:
+        longest = max(longest, len(text.rstrip("\ufffd")))
         ends.append(longest)
     return ends
 

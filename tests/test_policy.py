@@ -1,22 +1,28 @@
 """Tests of the LVLM policy (agents/policy.py, agents/decoding.py): every family, offline, on tiny presets.
 
-Observations are synthetic ``{"image", "text"}`` dicts and specs are built here, so nothing depends on
-the environment modules. Each preset is loaded once per module (``policy``); tests that change weights
-load their own copy (``fresh``), which takes a fraction of a second for a tiny preset.
+Observations are synthetic ``{"image", "text"}`` dicts and specs are built here, except where a test is
+about the environments' own action sets or answers (token weights for every env's grammar, demonstrations).
+Each preset is loaded once per module (``policy``); tests that change weights load their own copy
+(``fresh``), which takes a fraction of a second for a tiny preset.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from contextlib import contextmanager
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
+import envs
 from agents.models import PRESETS
 from agents.policy import Completion, PolicyConfig, VLMPolicy, load_policy
-from envs.language import COT_ANSWER_PREFIX, LanguageSpec, format_answer, parse_action
+from envs.language import COT_ANSWER_PREFIX, LanguageSpec, answer_complete, format_answer, parse_action
 
+ALL_ENV_IDS = [*envs.VLMRL_ENV_IDS, "vlmrl/Colour-v0"]
 FAMILY_PRESETS = ["tiny", "tiny-llava-next", "tiny-qwen2vl", "tiny-qwen2.5vl", "tiny-idefics3", "tiny-smolvlm"]
 VISION_NAME_PARTS = ("vision", "visual", "multi_modal_projector", "connector", "merger")
 
@@ -251,9 +257,11 @@ def test_values_without_generating_equal_act_values(policy, make_observations):
 
 
 def expected_weights(policy: VLMPolicy, answer: str, span: tuple[int, int], thought_weight: float) -> list[float]:
-    """1 for tokens whose characters (the tokenizer's own offsets) overlap the span, lambda otherwise."""
+    """1 for tokens whose characters (the tokenizer's own offsets) overlap the span or the value's opening
+    quote, lambda otherwise."""
     encoding = policy.tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
     start, end = span
+    start -= answer[start - 1] == '"'
     return [1.0 if s < end and e > start else thought_weight for s, e in encoding["offset_mapping"]]
 
 
@@ -317,6 +325,108 @@ def test_answer_without_action_span_weights_every_token_one(policy, answer):
     assert parsed.action_span is None and parsed.reason
     ids = torch.tensor(agent.tokenizer.encode(answer, add_special_tokens=False), dtype=torch.long)
     assert torch.equal(agent.token_weights(ids, parsed.action_span), torch.ones(len(ids)))
+
+
+WEIGHT_PRESETS = ["tiny", "tiny-qwen2vl", "tiny-idefics3"]
+# One legal name is a prefix of another and the longer one is more than one token: the token after "move"
+# (the closing '"}', or EOS in the action style) is where "move" and "move left" part.
+PREFIX_NAMES = LanguageSpec("Go or go left.", ("move", "move left"))
+WEIGHT_SPECS = {env_id: envs.get_language(env_id) for env_id in ALL_ENV_IDS} | {"prefix-names": PREFIX_NAMES}
+
+
+def legal_paths(agent: VLMPolicy, spec: LanguageSpec, start_ids: list[int]) -> list[list[int]]:
+    """Every token path the constrained grammar allows after ``start_ids`` (free thoughts already closed
+    for "cot"), each up to where ``act`` stops: the JSON's close, or EOS."""
+    grammar = agent.grammar(spec.action_names)
+    style = agent.config.prompt_style
+    paths = []
+
+    def extend(ids: list[int]) -> None:
+        text = agent.tokenizer.decode(ids, skip_special_tokens=True)
+        if (ids and ids[-1] in agent.pieces.eos_ids) or answer_complete(text, style):
+            paths.append(ids)
+            return
+        allowed = grammar.allowed(text, tokens_left=1000)
+        assert isinstance(allowed, list), (text, allowed)
+        for token_id in allowed:
+            extend([*ids, token_id])
+
+    extend(list(start_ids))
+    return paths
+
+
+def start_ids(agent: VLMPolicy, quote_piece: str | None) -> list[int]:
+    """The answer's opening up to the token that closes the thoughts (none in the action style)."""
+    if agent.config.prompt_style == "action":
+        return []
+    opening = agent.tokenizer.encode(COT_ANSWER_PREFIX + "I see", add_special_tokens=False)
+    return opening + agent.pieces.by_piece[quote_piece][:1]
+
+
+def character_spans(agent: VLMPolicy, ids: list[int]) -> list[tuple[int, int]]:
+    """Each token's characters in the decoded answer (special tokens write none)."""
+    spans, position = [], 0
+    for token_id in ids:
+        length = 0 if token_id in agent.pieces.special else len(agent.pieces.pieces[token_id])
+        spans.append((position, position + length))
+        position += length
+    return spans
+
+
+@pytest.mark.parametrize(("style", "quote_piece"), [("cot", '"'), ("cot", '",'), ("action", None)])
+@pytest.mark.parametrize("env_id", list(WEIGHT_SPECS))
+@pytest.mark.parametrize("preset", WEIGHT_PRESETS)
+def test_every_choice_among_actions_is_an_action_token(policy, preset, env_id, style, quote_piece):
+    spec = WEIGHT_SPECS[env_id]
+    agent = policy(preset, prompt_style=style, constrained=True, thought_weight=0.5)
+    grammar = agent.grammar(spec.action_names)
+    opening = start_ids(agent, quote_piece)
+    paths = legal_paths(agent, spec, opening)
+    texts = [agent.tokenizer.decode(ids, skip_special_tokens=True) for ids in paths]
+    actions = [parse_action(text, spec, style).action for text in texts]
+    assert sorted(actions) == list(range(len(spec.action_names))), texts  # one path per action, all legal
+    # Where the legal paths branch, the token taken decides between actions.
+    children: dict[tuple[int, ...], set[int]] = {}
+    for ids in paths:
+        for index in range(len(opening), len(ids)):
+            children.setdefault(tuple(ids[:index]), set()).add(ids[index])
+
+    for ids, text in zip(paths, texts, strict=True):
+        span = parse_action(text, spec, style).action_span
+        weights = agent.token_weights(torch.tensor(ids), span, grammar).tolist()
+        expected = []
+        for index, (start, end) in enumerate(character_spans(agent, ids)):
+            branches = index >= len(opening) and len(children[tuple(ids[:index])]) > 1
+            expected.append(1.0 if branches or (start < end and start < span[1] and end > span[0]) else 0.5)
+        assert weights == expected, [(agent.pieces.pieces[i], w) for i, w in zip(ids, weights, strict=True)]
+        # Free answers: the text rule, the value's opening quote included.
+        free = agent.token_weights(torch.tensor(ids), span).tolist()
+        quote = span[0] - (text[span[0] - 1 : span[0]] == '"')
+        overlaps = [start < end and start < span[1] and end > quote for start, end in character_spans(agent, ids)]
+        assert free == [1.0 if overlap else 0.5 for overlap in overlaps]
+
+
+@pytest.mark.parametrize(("action", "choice_piece"), [("1", ' "'), ("+", ' "+"}')])
+def test_ezpoints_digit_or_operator_choice_is_an_action_token(policy, action, choice_piece):
+    # The tiny tokenizer spells '", "action": "' + '1"}' as ... '":', ' "', '1', '"}' but '+"}' as ... '":',
+    # ' "+"}': the digit/operator choice is made on ' "', which writes no character of the digit.
+    spec = envs.get_language("vlmrl/EZPoints-v0")
+    agent = policy("tiny", constrained=True, thought_weight=0.5)
+    [path] = [
+        ids
+        for ids in legal_paths(agent, spec, start_ids(agent, '"'))
+        if parse_action(agent.tokenizer.decode(ids), spec).action == spec.action_names.index(action)
+    ]
+    text = agent.tokenizer.decode(path)
+    weights = agent.token_weights(
+        torch.tensor(path), parse_action(text, spec).action_span, agent.grammar(spec.action_names)
+    )
+    pieces = [agent.pieces.pieces[token_id] for token_id in path]
+    marker = pieces.index('":', 3)  # the key's colon, after the thoughts
+    assert pieces[marker + 1] == choice_piece
+    assert [piece for piece, weight in zip(pieces, weights, strict=True) if weight == 1.0] == [
+        piece for piece in pieces[marker + 1 :] if piece != '"}'
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -661,3 +771,231 @@ def test_format_answer_round_trips_through_weights(policy):
     ids = torch.tensor(agent.tokenizer.encode(answer, add_special_tokens=False))
     weights = agent.token_weights(ids, parsed.action_span)
     assert agent.tokenizer.decode(ids[weights == 1.0].tolist()).strip(' "') == "stand"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Completions for given answers: demonstrations (SFT) and preference pairs (DPO)
+# ----------------------------------------------------------------------------------------------------------
+
+DEMO_ENVS = ["vlmrl/GridWorld-v0", "vlmrl/Blackjack-v0", "vlmrl/EZPoints-v0"]
+DEMO_PRESETS = ["tiny", "tiny-qwen2vl"]
+DEMO_TOKENS = 96  # room for the longest expert rationale used here
+
+
+def env_steps(env_id: str, seeds: list[int]) -> tuple[list[dict], list[str], list[str]]:
+    """Observations after a reset with each seed, with the expert's action name and rationale there."""
+    env = gym.make(env_id)
+    names = envs.get_language(env_id).action_names
+    observations, actions, rationales = [], [], []
+    for seed in seeds:
+        observation, _ = env.reset(seed=seed)
+        observations.append(observation)
+        actions.append(names[env.unwrapped.expert_action()])
+        rationales.append(env.unwrapped.expert_rationale())
+    env.close()
+    return observations, actions, rationales
+
+
+@contextmanager
+def steered(agent: VLMPolicy, targets: list[list[int]], margin: float = 1.0):
+    """Make ``targets[row][i]`` the favourite i-th answer token of row ``row`` (its logit set ``margin``
+    above the best one), both in ``generate`` (one position per forward) and in ``evaluate`` (all at once).
+
+    Greedy ``act`` then writes exactly the targets, while the log-probs stay those of a real, spread
+    distribution, which ``evaluate`` under the same hook must reproduce.
+    """
+    step = 0
+
+    def favour(logits: torch.Tensor, row: int, position: int, token_id: int) -> None:
+        logits[row, position, token_id] = logits[row, position].max() + margin
+
+    def hook(module, args, logits):
+        nonlocal step
+        logits = logits.clone()
+        if logits.shape[1] == 1:  # generate: this forward predicts answer token `step`
+            for row, target in enumerate(targets):
+                if step < len(target):
+                    favour(logits, row, 0, target[step])
+            step += 1
+        else:  # evaluate: position j predicts answer token j
+            for row, target in enumerate(targets):
+                for position in range(min(len(target), logits.shape[1])):
+                    favour(logits, row, position, target[position])
+        return logits
+
+    handle = agent.model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def plain_quotes(thoughts: str) -> str:
+    """Constrained thoughts hold no quote (JSON would escape it with a backslash)."""
+    return thoughts.replace('"', "'")
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "constrained"])
+@pytest.mark.parametrize("style", ["cot", "action"])
+@pytest.mark.parametrize("env_id", DEMO_ENVS)
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
+def test_completions_for_rebuild_what_act_wrote(policy, preset, env_id, style, constrained):
+    agent = policy(preset, prompt_style=style, constrained=constrained, temperature=1.0, max_new_tokens=DEMO_TOKENS)
+    spec = envs.get_language(env_id)
+    observations, expert_actions, rationales = env_steps(env_id, [0, 1, 2])
+    # The expert's action and two others (EZPoints: a digit and an operator, whichever the expert chose).
+    actions = [expert_actions[0], spec.action_names[0], spec.action_names[-1]]
+    if style == "action" and constrained:
+        # Every token is forced or an action choice: whatever act samples, it spells as completions_for does.
+        torch.manual_seed(0)
+        acted = agent.act(observations, spec)
+        hook_targets = None
+    else:
+        answers = [format_answer(a, plain_quotes(r), style) for a, r in zip(actions, rationales, strict=True)]
+        hook_targets = [
+            c.response_ids.tolist() for c in agent.completions_for(observations, spec, answers, score=False)
+        ]
+        with steered(agent, hook_targets):
+            acted = agent.act(observations, spec, greedy=True)
+        assert [c.text for c in acted] == answers  # act stopped where completions_for ends the answer
+
+    rebuilt = agent.completions_for(observations, spec, [c.text for c in acted])
+
+    for a, b in zip(acted, rebuilt, strict=True):
+        assert (b.prompt, b.text, b.action, b.reason, b.action_names) == (
+            a.prompt,
+            a.text,
+            a.action,
+            a.reason,
+            a.action_names,
+        )
+        assert torch.equal(b.response_ids, a.response_ids), (a.text, a.response_ids, b.response_ids)
+        assert b.constraints == a.constraints
+        assert torch.equal(b.token_weights, a.token_weights)
+        assert np.array_equal(b.image, a.image)
+    if hook_targets is None:
+        assert_act_matches_evaluate(agent, rebuilt)  # rebuilt carries its own log-probs, at temperature 1
+    with steered(agent, hook_targets or []), torch.no_grad():
+        evaluation = agent.evaluate(rebuilt, temperature=1.0)
+    torch.testing.assert_close(evaluation.logprob, torch.tensor([c.logprob for c in acted]), rtol=0, atol=1e-4)
+    for row, completion in enumerate(acted):
+        token_logprobs = evaluation.token_logprobs[row, : len(completion.response_ids)]
+        torch.testing.assert_close(token_logprobs, completion.token_logprobs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "constrained"])
+@pytest.mark.parametrize("env_id", ["vlmrl/GridWorld-v0", "vlmrl/Blackjack-v0"])
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
+def test_expert_demonstration_likelihood_is_greedy_acts(policy, preset, env_id, constrained):
+    sampling = policy(preset, constrained=constrained, max_new_tokens=DEMO_TOKENS)  # temperature 0.2, as PPO samples
+    spec = envs.get_language(env_id)
+    observations, actions, rationales = env_steps(env_id, [3, 4])
+    answers = [format_answer(name, thoughts=thoughts) for name, thoughts in zip(actions, rationales, strict=True)]
+
+    demos = sampling.completions_for(observations, spec, answers)
+
+    for demo, answer, name in zip(demos, answers, actions, strict=True):
+        assert demo.text == answer and spec.action_names[demo.action] == name
+        assert demo.response_ids[-1].item() not in sampling.pieces.eos_ids  # act stops at the closing "}
+        assert (demo.constraints is not None) == constrained
+        assert np.isfinite(demo.logprob) and demo.logprob < 0
+        weighted = float((demo.token_weights * demo.token_logprobs).sum())
+        assert demo.logprob == pytest.approx(weighted, rel=1e-6, abs=1e-5)  # float32 sums in another order
+    # Likelihoods are the model's own (temperature 1), whatever temperature the policy samples at.
+    unit = policy(preset, constrained=constrained, max_new_tokens=DEMO_TOKENS, temperature=1.0)
+    same = unit.completions_for(observations, spec, answers)
+    torch.testing.assert_close(torch.tensor([d.logprob for d in same]), torch.tensor([d.logprob for d in demos]))
+    with torch.no_grad():
+        at_sampling_temperature = sampling.evaluate(demos).logprob
+    assert (at_sampling_temperature - torch.tensor([d.logprob for d in demos])).abs().min() > 1.0
+    # The unweighted sum of the demo's token log-probs is the log-likelihood greedy act gives to writing it.
+    with steered(unit, [d.response_ids.tolist() for d in demos]):
+        acted = unit.act(observations, spec, greedy=True)
+        with torch.no_grad():
+            evaluation = unit.evaluate(demos, temperature=1.0)
+    assert [c.text for c in acted] == answers
+    torch.testing.assert_close(
+        evaluation.token_logprobs.sum(-1), torch.stack([c.token_logprobs.sum() for c in acted]), rtol=0, atol=1e-4
+    )
+
+
+LONG_THOUGHTS = "the dealer shows a ten and I hold a hard sixteen " * 4
+ILLEGAL_ANSWERS = [
+    ("cot", format_answer("fold", "no"), "not one of"),
+    ("cot", '{"thoughts": "x", "action": "hit"', "legal actions"),
+    ("cot", '{"action": "hit", "thoughts": "x"}', 'starts with \'{"thoughts": "\''),
+    ("cot", format_answer("hit", 'the card says "10"'), "backslash"),
+    ("cot", format_answer("hit", "two\nlines"), "backslash"),
+    ("cot", format_answer("hit", "x") + " and more", "where act stops"),
+    ("cot", '{"thoughts": "x",  "action": "hit"}', "may follow"),
+    ("cot", format_answer("hit", LONG_THOUGHTS), "max_new_tokens"),
+    ("action", "Hit", "may follow"),
+    ("action", "hi", "not one of"),
+    ("action", "hit\n", "where act stops"),
+]
+
+
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
+@pytest.mark.parametrize(("style", "answer", "message"), ILLEGAL_ANSWERS)
+def test_completions_for_refuses_what_constrained_act_cannot_write(policy, preset, style, answer, message):
+    agent = policy(preset, prompt_style=style, constrained=True, max_new_tokens=CONSTRAINED_TOKENS)
+    observations = [{"image": np.zeros((32, 32, 3), dtype=np.uint8), "text": ""}]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        agent.completions_for(observations, BLACKJACK, [answer])
+
+
+def test_expert_thoughts_with_quotes_are_refused_under_constraints_only(policy):
+    # EZPoints' rationale quotes the formula: JSON escapes the quotes, and constrained thoughts hold no backslash.
+    observations, actions, rationales = env_steps("vlmrl/EZPoints-v0", [0])
+    spec = envs.get_language("vlmrl/EZPoints-v0")
+    answer = format_answer(actions[0], rationales[0])
+    assert '\\"' in answer
+    free = policy("tiny", max_new_tokens=DEMO_TOKENS).completions_for(observations, spec, [answer])
+    assert free[0].valid and np.isfinite(free[0].logprob)
+    with pytest.raises(ValueError, match="backslash"):
+        policy("tiny", constrained=True, max_new_tokens=DEMO_TOKENS).completions_for(observations, spec, [answer])
+
+
+@pytest.mark.parametrize(
+    ("style", "answer", "message"),
+    [
+        ("cot", format_answer("hit", "x") + " and more", "act stops generating after"),
+        ("cot", format_answer("hit", LONG_THOUGHTS * 3), "max_new_tokens"),
+        ("action", "hit\nstand", "act stops generating after"),
+    ],
+)
+def test_completions_for_refuses_free_answers_act_would_cut(policy, style, answer, message):
+    agent = policy("tiny", prompt_style=style, max_new_tokens=UNCONSTRAINED_TOKENS)
+    observations = [{"image": np.zeros((32, 32, 3), dtype=np.uint8), "text": ""}]
+    with pytest.raises(ValueError, match=message):
+        agent.completions_for(observations, BLACKJACK, [answer])
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "constrained"])
+def test_bare_action_demonstration_ends_with_eos_like_act(policy, constrained):
+    agent = policy("tiny", prompt_style="action", constrained=constrained, max_new_tokens=16)
+    observations = [{"image": np.zeros((32, 32, 3), dtype=np.uint8), "text": ""}]
+    [demo] = agent.completions_for(observations, BLACKJACK, ["stand"], score=False)
+    assert demo.response_ids[-1].item() == agent.pieces.eos_id
+    assert agent.tokenizer.decode(demo.response_ids[:-1]) == "stand"
+    assert (demo.logprob, demo.value) == (0.0, 0.0) and not demo.token_logprobs.any()
+
+
+def test_evaluate_refuses_a_non_positive_temperature(policy, make_observations):
+    agent = policy("tiny", max_new_tokens=UNCONSTRAINED_TOKENS)
+    completions = act(agent, make_observations(["x"]), BLACKJACK)
+    with pytest.raises(ValueError, match="temperature"):
+        agent.evaluate(completions, temperature=0.0)
+
+
+def test_evaluate_at_temperature_one_is_the_models_own_likelihood(policy, make_observations):
+    sampling = policy("tiny", max_new_tokens=UNCONSTRAINED_TOKENS)
+    unit = policy("tiny", max_new_tokens=UNCONSTRAINED_TOKENS, temperature=1.0)
+    completions = act(sampling, make_observations(STEP_TEXTS), BLACKJACK)
+    with torch.no_grad():
+        at_one = sampling.evaluate(completions, temperature=1.0)
+        expected = unit.evaluate(completions)
+        at_sampling_temperature = sampling.evaluate(completions)
+    torch.testing.assert_close(at_one.logprob, expected.logprob, rtol=0, atol=1e-5)
+    torch.testing.assert_close(at_one.entropy, expected.entropy, rtol=0, atol=1e-5)
+    assert (at_one.logprob - at_sampling_temperature.logprob).abs().min() > 1.0
