@@ -434,6 +434,11 @@ class Run:
                 f"{resume} is a {state['algorithm']} run; resume it with --algo {state['algorithm']}, not {self.algorithm}."
             )
         saved = config_from_dict(type(config), state["config"])
+        if config.experiment and saved.experiment and config.experiment != saved.experiment:
+            raise ConfigError(
+                f"{resume} is a run of experiment {saved.experiment!r}; resume it with `vlmrl train {saved.experiment} "
+                f"--resume {resume}`."
+            )
         if defaults is None:  # from Python without defaults: nothing counts as given, the run goes on as saved
             defaults = config
         merged = merge_resumed_config(saved, config, defaults)
