@@ -25,7 +25,8 @@ def evaluate_policy(
     invalid_default_action: int = 0,
     success_rule: SuccessRule = "terminated_positive_reward",
 ) -> dict[str, float]:
-    """Play ``episodes`` episodes and report their mean success, return and length.
+    """Play ``episodes`` episodes and report their mean success, return and length, the invalid-answer rate
+    and, for chain-of-thought answers in an env with ``check_thoughts``, the fraction of true thoughts.
 
     Each env plays the same number of episodes (``num_envs`` is lowered until it divides ``episodes``), so
     short episodes are not over-represented; invalid answers take ``invalid_default_action``, as in training.
@@ -47,13 +48,16 @@ def evaluate_policy(
     )
     done_per_env = np.zeros(num_envs, dtype=int)
     results: list[dict[str, float]] = []
-    answers = invalid = 0
+    answers = invalid = thoughts_checked = thoughts_true = 0
     try:
         while done_per_env.min() < quota:
             active = done_per_env < quota
             step = runner.step(policy, greedy=greedy)
             answers += int(active.sum())
             invalid += int((step.invalid & active).sum())
+            checked = active & ~np.isnan(step.thoughts_true)
+            thoughts_checked += int(checked.sum())
+            thoughts_true += int(step.thoughts_true[checked].sum())
             for episode in step.finished:
                 if done_per_env[episode["env"]] < quota:
                     results.append(episode)
@@ -66,6 +70,8 @@ def evaluate_policy(
         "mean_return": float(np.mean([r["return"] for r in results])),
         "mean_length": float(np.mean([r["length"] for r in results])),
         "invalid_action_rate": invalid / max(answers, 1),
+        # Only for chain-of-thought answers in an env that can check them (else not reported).
+        **({"thought_accuracy": thoughts_true / thoughts_checked} if thoughts_checked else {}),
     }
 
 

@@ -63,3 +63,12 @@ def approx_kl(log_ratio: torch.Tensor) -> torch.Tensor:
 def clip_fraction(ratio: torch.Tensor, clip_low: float, clip_high: float) -> torch.Tensor:
     """Fraction of samples whose ratio left the clipping range."""
     return ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float().mean()
+
+
+def token_mean_nll(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean negative log-likelihood over its tokens (``(B, T)`` log-probs and boolean mask).
+
+    >>> token_mean_nll(torch.tensor([[-1.0, -3.0, 0.0]]), torch.tensor([[True, True, False]])).tolist()
+    [2.0]
+    """
+    return -(token_logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)

@@ -707,8 +707,20 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_policy_directory(name_or_path: str) -> str:
+    """A run directory (``runs/<run>``, e.g. of SFT) or one of its checkpoints names the policy of its newest
+    intact checkpoint; any other name is returned as it is."""
+    path = Path(name_or_path).expanduser()
+    if (path / "checkpoints").is_dir() or (path / "manifest.json").exists():
+        from agents.checkpoint import POLICY_DIR, find_checkpoint
+
+        return str(find_checkpoint(path, purpose="Loading the policy") / POLICY_DIR)
+    return name_or_path
+
+
 def load_policy(name_or_path: str = "tiny", **options: Any) -> VLMPolicy:
-    """Build a policy from a preset, hub id, model directory, or a directory written by ``save``.
+    """Build a policy from a preset, hub id, model directory, a directory written by ``save``, or a run
+    directory (its newest intact checkpoint's policy: how PPO starts from an SFT run).
 
     >>> policy = load_policy("tiny", prompt_style="action", constrained=True)
     >>> import envs, gymnasium as gym
@@ -724,6 +736,7 @@ def load_policy(name_or_path: str = "tiny", **options: Any) -> VLMPolicy:
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"Unknown policy option(s) {unknown}. Available: {', '.join(sorted(known))}.")
+    name_or_path = resolve_policy_directory(name_or_path)
     saved_file = Path(name_or_path) / POLICY_FILE
     saved = json.loads(saved_file.read_text())["config"] if saved_file.exists() else None
     if saved is not None:

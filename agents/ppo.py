@@ -228,7 +228,7 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
 
             # --- rollout: one batched act per vector step -------------------------------------------------
             rollout = Rollout(config.num_steps, config.num_envs)
-            act_seconds, tokens, invalid, frames = 0.0, 0, 0, []
+            act_seconds, tokens, invalid, frames, thoughts = 0.0, 0, 0, [], []
             for _ in range(config.num_steps):
                 step = runner.step(policy)
                 act_seconds, tokens, invalid = (
@@ -236,6 +236,7 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
                     tokens + step.generated_tokens,
                     invalid + int(step.invalid.sum()),
                 )
+                thoughts.extend(step.thoughts_true[~np.isnan(step.thoughts_true)])
                 if config.video_every and (update + 1) % config.video_every == 0:
                     frames.append(np.asarray(step.observations["image"][0]))
                 # A truncated episode is bootstrapped from the value of its final observation.
@@ -268,6 +269,8 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
                     **episode_metrics(finished),
                 }
             )
+            if thoughts:
+                metrics["charts/thought_accuracy"] = float(np.mean(thoughts))
             run.end_update(
                 update,
                 metrics,

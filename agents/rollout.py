@@ -26,6 +26,7 @@ import gymnasium as gym
 import numpy as np
 
 from agents.policy import Completion
+from envs.language import extract_thoughts
 
 InvalidRule = Literal["default", "random"]
 SuccessRule = Literal["terminated_positive_reward", "positive_return"]
@@ -196,6 +197,10 @@ class RunnerStep:
     """Env index -> last observation of an episode that was truncated (for bootstrapping)."""
     finished: list[dict[str, float]]
     """Episodes that ended on this step: ``env``, ``return``, ``length``, ``success``."""
+    thoughts_true: np.ndarray
+    """Per env: 1.0 when the answer's thoughts state the observed state truly (the env's ``check_thoughts``),
+    0.0 when they do not or there are none, NaN when nothing was checked (action-only answers, or an env
+    without a checker)."""
     act_seconds: float
     generated_tokens: int
 
@@ -232,6 +237,7 @@ class EnvRunner:
         self.on_step = on_step
         self.vector_env = make_vector_env(env_id, num_envs, env_kwargs)
         self.observations, _ = self.vector_env.reset(seed=seed)
+        self.thought_checkers = [envs.thought_checker(env) for env in self.vector_env.envs]
         self.stats = EpisodeStats(num_envs, success_rule)
         self.steps = 0
         """Environment steps taken so far, all envs together."""
@@ -245,6 +251,7 @@ class EnvRunner:
         actions, invalid = env_actions(
             completions, self.invalid_rule, self.invalid_default_action, len(self.spec.action_names), self.rng
         )
+        thoughts_true = self._check_thoughts(completions, getattr(policy, "config", None))
         self.observations, rewards, terminated, truncated, info = self.vector_env.step(actions)
         finished = self.stats.update(rewards, terminated, truncated, info)
         cut = np.flatnonzero(truncated & ~terminated)
@@ -264,7 +271,19 @@ class EnvRunner:
             finished=finished,
             act_seconds=act_seconds,
             generated_tokens=sum(len(c.response_ids) for c in completions),
+            thoughts_true=thoughts_true,
         )
+
+    def _check_thoughts(self, completions: list[Completion], policy_config: Any) -> np.ndarray:
+        # Checked before the env steps: the thoughts are about the state the observation showed.
+        result = np.full(self.num_envs, np.nan)
+        if getattr(policy_config, "prompt_style", None) != "cot":
+            return result
+        for index, (checker, completion) in enumerate(zip(self.thought_checkers, completions)):
+            if checker is not None:
+                thoughts = extract_thoughts(completion.text)
+                result[index] = float(thoughts is not None and bool(checker(thoughts)))
+        return result
 
     # -- checkpointing --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

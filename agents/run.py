@@ -316,6 +316,17 @@ def restore_rng_state(state: dict[str, Any], generator: np.random.Generator) -> 
 # ----------------------------------------------------------------------------------------------------------
 
 
+def eval_metrics(result: dict[str, float]) -> dict[str, float]:
+    """An :func:`~agents.evaluation.evaluate_policy` result as ``eval/...`` metrics."""
+    names = {
+        "success_rate": "eval/success_rate",
+        "mean_return": "eval/episodic_return",
+        "invalid_action_rate": "eval/invalid_action_rate",
+        "thought_accuracy": "eval/thought_accuracy",
+    }
+    return {metric: result[key] for key, metric in names.items() if key in result}
+
+
 class RunDirectory:
     """A run directory held by one process: an exclusive lock, released when the process ends (even by
     ``kill -9``), so two runs can never write into one directory at the same time."""
@@ -416,6 +427,7 @@ class Run:
         )
         self.progress: tqdm | None = None
         self.recent_success: list[float] = []
+        self.global_step = self.state["global_step"] if self.state else 0
 
     # -- start or resume --------------------------------------------------------------------------------------
     def _resume(self, config: RunConfig, defaults: RunConfig | None) -> RunConfig:
@@ -479,7 +491,7 @@ class Run:
                 invalid_rule=config.invalid_rule,
                 invalid_default_action=config.invalid_default_action,
                 success_rule=config.success_rule,
-                on_step=self._advance,
+                on_step=self.advance,
             )
         except TypeError as error:
             raise ConfigError(
@@ -488,12 +500,11 @@ class Run:
                 "environment, use its own experiment name or `vlmrl train --env-id ID` with no experiment."
             ) from error
 
-    def restore(self, *, runner: EnvRunner, **stateful: Any) -> None:
-        """Load the resumed checkpoint's state into ``runner`` and each named object (optimizer...), then
-        the RNG states. A new run: nothing to do."""
+    def restore(self, **stateful: Any) -> None:
+        """Load the resumed checkpoint's state into each named object (``runner=``, ``optimizer=``...; the
+        names :meth:`end_update` saved them under), then the RNG states. A new run: nothing to do."""
         if self.state is None:
             return
-        runner.load_state_dict(self.state["runner"])
         for name, obj in stateful.items():
             obj.load_state_dict(self.state[name])
         restore_rng_state(self.state["rng"], self.generator)
@@ -502,7 +513,7 @@ class Run:
     def updates(self, num_updates: int, steps_per_update: int) -> Iterator[int]:
         """The update indices still to run, with a progress bar in environment steps."""
         self.num_updates = num_updates
-        done = self.state["runner"]["steps"] if self.state else 0
+        done = self.state["global_step"] if self.state else 0
         self.progress = tqdm(
             total=num_updates * steps_per_update, initial=done, disable=not self.config.progress, unit="step"
         )
@@ -510,7 +521,8 @@ class Run:
             self.update = update
             yield update
 
-    def _advance(self, steps: int) -> None:
+    def advance(self, steps: int) -> None:
+        """Move the progress bar (the env runner calls it each step; other loops per batch)."""
         if self.progress is not None:
             self.progress.update(steps)
 
@@ -532,6 +544,7 @@ class Run:
         ``runner=``...); :meth:`restore` loads them back under the same names.
         """
         config = self.config
+        self.global_step = global_step
         self.recent_success = ([float(e["success"]) for e in finished] or self.recent_success)[-50:]
         self.logger.log(metrics, global_step)
         if self.progress is not None:
@@ -556,6 +569,7 @@ class Run:
             "experiment": self.config.experiment,
             "config": config_to_dict(self.config),
             "update": update,
+            "global_step": self.global_step,
             "rng": rng_state(self.generator),
             "wandb_id": self.logger.wandb_id,
             "log_rows": self.logger.rows(),
@@ -563,30 +577,32 @@ class Run:
         }
         return save_checkpoint(self.run_dir, update, policy, state, keep=self.config.keep_checkpoints)
 
-    def finish(self, policy, runner: EnvRunner | None = None) -> Path:
-        """Close the envs, run the final greedy evaluation, draw the learning curve, release the directory."""
+    def evaluate(self, policy) -> dict[str, float]:
+        """Greedy evaluation on ``eval_episodes`` held-out seeds (10,000 + seed upward: never a training
+        seed of the runner, nor of ``vlmrl collect``'s default 0 upward)."""
         from agents.evaluation import evaluate_policy
 
         config = self.config
+        return evaluate_policy(
+            policy,
+            config.env_id,
+            config.env_kwargs,
+            config.eval_episodes,
+            num_envs=config.num_envs,
+            seed=10_000 + config.seed,
+            invalid_default_action=config.invalid_default_action,
+            success_rule=config.success_rule,
+        )
+
+    def finish(self, policy, runner: EnvRunner | None = None, global_step: int | None = None) -> Path:
+        """Close the envs, run the final greedy evaluation, draw the learning curve, release the directory."""
         if self.progress is not None:
             self.progress.close()
-        global_step = runner.steps if runner is not None else 0
         if runner is not None:
+            global_step = runner.steps
             runner.close()
-        if config.eval_episodes:
-            result = evaluate_policy(
-                policy,
-                config.env_id,
-                config.env_kwargs,
-                config.eval_episodes,
-                seed=10_000 + config.seed,
-                invalid_default_action=config.invalid_default_action,
-                success_rule=config.success_rule,
-            )
-            self.logger.log(
-                {"eval/success_rate": result["success_rate"], "eval/episodic_return": result["mean_return"]},
-                global_step,
-            )
+        if self.config.eval_episodes:
+            self.logger.log(eval_metrics(self.evaluate(policy)), global_step or 0)
         self.logger.finish()
         self.directory.release()
         return self.run_dir

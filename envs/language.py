@@ -255,6 +255,19 @@ def parse_action(text: str | None, spec: LanguageSpec, style: PromptStyle = "cot
     return ParsedAction(index, None, span)
 
 
+def extract_thoughts(text: str | None) -> str | None:
+    """The thoughts of a chain-of-thought answer, or ``None`` when it holds no JSON object with a
+    ``"thoughts"`` string.
+
+    >>> extract_thoughts('{"thoughts": "I see 3.", "action": "hit"}'), extract_thoughts("hit")
+    ('I see 3.', None)
+    """
+    for _, _, value in _json_objects(text or ""):
+        if isinstance(value, dict) and isinstance(value.get(THOUGHTS_KEY), str):
+            return value[THOUGHTS_KEY]
+    return None
+
+
 def answer_complete(text: str, style: PromptStyle = "cot") -> bool:
     """Whether generation can stop: the answer holds a whole JSON object with an action field, or (action
     style) a bare answer has been followed by a line break. Used to stop generating early.

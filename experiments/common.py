@@ -26,6 +26,7 @@ from agents.tracking import read_metrics
 #: ``--algo`` name -> (module, config class). The module's ``train(config, defaults)`` runs it.
 ALGORITHMS: dict[str, tuple[str, str]] = {
     "ppo": ("agents.ppo", "PPOConfig"),
+    "sft": ("agents.sft", "SFTConfig"),
 }
 
 #: Defaults of each algorithm for the experiments: sized for the randomly initialised ``tiny`` preset on a
@@ -42,6 +43,12 @@ CPU_DEFAULTS: dict[str, dict[str, Any]] = {
         "minibatch_size": 64,
         "micro_batch_size": 16,
         "policy": PolicyConfig(model="tiny", prompt_style="action", constrained=True, lora_rank=0, temperature=1.0),
+    },
+    "sft": {
+        "num_envs": 16,
+        "eval_episodes": 200,
+        # Chain-of-thought answers under constrained decoding, as the RL stage that follows will act.
+        "policy": PolicyConfig(model="tiny", prompt_style="cot", constrained=True, lora_rank=0, temperature=1.0),
     },
 }
 
