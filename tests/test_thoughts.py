@@ -366,6 +366,13 @@ EXPERT_EPISODES = [
 ]
 
 
+def _needs_no_escape(rationale: str) -> bool:
+    """Whether ``rationale`` can stand in a JSON answer's thoughts as it is: a double quote, a backslash or a
+    control character would need a backslash escape there, which constrained decoding never writes in the
+    thoughts, so ``VLMPolicy.completions_for`` (SFT on expert answers) would reject the answer."""
+    return '"' not in rationale and "\\" not in rationale and all(ord(character) >= 32 for character in rationale)
+
+
 @pytest.mark.parametrize(("env_id", "kwargs", "episodes"), EXPERT_EPISODES, ids=lambda value: str(value))
 def test_expert_rationale_passes_over_expert_episodes(env_id: str, kwargs: dict, episodes: int) -> None:
     env = gym.make(env_id, **kwargs)
@@ -399,10 +406,25 @@ def test_expert_rationale_passes_after_random_moves(make_env: Callable[[], Any])
         env.reset(seed=seed)
         for _ in range(30):
             assert env.check_thoughts(env.expert_rationale()), (seed, env.expert_rationale())
+            assert _needs_no_escape(env.expert_rationale()), (seed, env.expert_rationale())
             *_, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
             if terminated or truncated:
                 assert env.check_thoughts(env.expert_rationale()), (seed, env.expert_rationale())
+                assert _needs_no_escape(env.expert_rationale()), (seed, env.expert_rationale())
                 break
+
+
+@pytest.mark.parametrize("env_id", envs.VLMRL_ENV_IDS + tuple(envs.DEBUG_ENVS))
+def test_expert_rationale_needs_no_json_escape(env_id: str) -> None:
+    env = gym.make(env_id)
+    for seed in range(30):
+        env.reset(seed=seed)
+        terminated = truncated = False
+        while not (terminated or truncated):
+            rationale = env.unwrapped.expert_rationale()
+            assert _needs_no_escape(rationale), (seed, rationale)
+            *_, terminated, truncated, _ = env.step(env.unwrapped.expert_action())
+    env.close()
 
 
 def test_a_rationale_about_another_state_fails() -> None:
