@@ -21,7 +21,7 @@ from gymnasium import spaces
 from envs import drawing
 from envs.base import LanguageEnv, observation_space
 from envs.language import LanguageSpec
-from envs.thoughts import CARD_LIST, cards_in, introduced, same_cards, unclaimed_numbers
+from envs.thoughts import CARD_LIST, QUOTED, cards_in, find_quoted, introduced, same_cards, unclaimed_numbers
 
 NUMBER_TOKENS: tuple[str, ...] = tuple(str(value) for value in range(1, 11))
 OPEN, CLOSE, EQUALS = "(", ")", "="
@@ -423,13 +423,12 @@ def formula_tokens(text: str) -> list[str] | None:
 # Keywords that introduce the card values and the formula written so far in a thought.
 _CARD_WORDS = r"cards?|values?|dealt|i\s+have"
 _FORMULA_WORDS = r"so\s+far|formula|written|wrote|finish"
-# The formula so far as a thought writes it: quoted, a word for "empty", or (right after the keyword, see
-# _LEAD_WORDS) an unquoted run of formula characters.
-_FORMULA_CLAIM = re.compile(r'"([^"]*)"|\b(empty|nothing|blank)\b|([\d(][\d\s+\-*/()\u00d7\u00f7]*)', re.IGNORECASE)
+# The formula so far as a thought writes it: quoted (single or double quotes, the quotes included), a word
+# for "empty", or (right after the keyword, see _LEAD_WORDS) an unquoted run of formula characters.
+_FORMULA_CLAIM = re.compile(rf"({QUOTED})|\b(empty|nothing|blank)\b|([\d(][\d\s+\-*/()\u00d7\u00f7]*)", re.IGNORECASE)
 # Only these words may stand between a keyword and an unquoted formula: in "the formula uses every card
 # and equals 12", 12 is not the formula.
 _LEAD_WORDS = {"is", "so", "far", "now", "reads", "currently", "the", "just"}
-_QUOTED = re.compile(r'"([^"]*)"')
 
 
 class PointsEnv(LanguageEnv):
@@ -458,10 +457,11 @@ class PointsEnv(LanguageEnv):
     Truthful thoughts (``check_thoughts``): a thought must list the card values after "cards" or "values"
     ("the cards 3, 4"; in any order, A/J/Q/K by their letters or values), unless the formula it states
     already uses every card, and, once something is written, the formula so far after "so far",
-    "formula", "written" or "finish", quoted ('the formula so far is "3 *"') or right after the keyword;
-    an empty formula, if stated, as "empty", "nothing" or "". Any other quoted formula may use only the
-    cards, each once, and if it uses them all it must equal the target. Every other number must be a card
-    value, the target or the number of cards.
+    "formula", "written" or "finish", quoted ("the formula so far is '3 *'", in single or double quotes) or
+    right after the keyword; an empty formula, if stated, as "empty", "nothing" or an empty quote. Any
+    other quoted formula may use only the cards, each once, and if it uses them all it must equal the
+    target. Every other number must be a card value, the target or the number of cards. The rationales
+    quote in single quotes, which a JSON answer holds as they are (a double quote would need a backslash).
 
     Args:
         render_mode: ``"rgb_array"`` (default) or ``None``.
@@ -624,7 +624,7 @@ class PointsEnv(LanguageEnv):
     def expert_rationale(self) -> str:
         cards = ", ".join(map(str, self.values))
         solution = self._solution(self.formula)
-        written = f'"{_format(self.formula)}"'
+        written = f"'{_format(self.formula)}'"  # single quotes: see the class docstring
         if solution is None:
             if not self.formula:
                 return f"The cards {cards} cannot make {self.target}, so I end the episode with =."
@@ -636,7 +636,7 @@ class PointsEnv(LanguageEnv):
         next_token = solution[len(self.formula)]
         so_far = f"the formula so far is {written}" if self.formula else "the formula is empty"
         return (
-            f'The cards {cards} make {self.target} as "{_format(solution)}"; {so_far}, so the next token is '
+            f"The cards {cards} make {self.target} as '{_format(solution)}'; {so_far}, so the next token is "
             f"{next_token}."
         )
 
@@ -650,11 +650,13 @@ class PointsEnv(LanguageEnv):
         >>> for token in ("3", "+"):
         ...     _ = env.step(env.language.action_names.index(token))
         >>> env.expert_rationale()
-        'The cards 9, 3 make 12 as "3 + 9"; the formula so far is "3 +", so the next token is 9.'
+        "The cards 9, 3 make 12 as '3 + 9'; the formula so far is '3 +', so the next token is 9."
         >>> env.check_thoughts("Written so far: 3+. My cards are 3 and 9, and 3 + 9 = 12: next is 9.")
         True
-        >>> env.check_thoughts('The cards 9, 3; the formula so far is "3 *".'), env.check_thoughts("Next is 9.")
+        >>> env.check_thoughts("The cards 9, 3; the formula so far is '3 *'."), env.check_thoughts("Next is 9.")
         (False, False)
+        >>> env.check_thoughts('The cards 9, 3; the formula so far is "3 +".')
+        True
         """
         ranks = [rank for rank, _ in self.cards]
         card_claims = introduced(thoughts, _CARD_WORDS, CARD_LIST, window=3, stop=_FORMULA_WORDS)
@@ -668,7 +670,7 @@ class PointsEnv(LanguageEnv):
                 return False
         for match in formula_claims:
             quoted, empty, unquoted = match.groups()
-            written = [] if empty is not None else formula_tokens(quoted if quoted is not None else unquoted)
+            written = [] if empty is not None else formula_tokens(quoted[1:-1] if quoted is not None else unquoted)
             if written != self.formula:
                 return False
         if not card_claims and not (formula_claims and all(self.used)):
@@ -676,13 +678,13 @@ class PointsEnv(LanguageEnv):
         if self.formula and not formula_claims:
             return False
         claimed = [match.span() for match in card_claims + formula_claims]
-        for match in _QUOTED.finditer(thoughts):
-            tokens = formula_tokens(match.group(1))
-            if tokens is None or any(start <= match.start() < end for start, end in claimed):
+        for quote in find_quoted(thoughts):
+            tokens = formula_tokens(quote.value)
+            if tokens is None or any(start <= quote.start < end for start, end in claimed):
                 continue
             if not self._possible_formula(tokens):
                 return False
-            claimed.append(match.span())
+            claimed.append((quote.start, quote.end))
         allowed = {*self.values, self.target, self.num_cards}
         return all(found.value in allowed for found in unclaimed_numbers(thoughts, claimed))
 

@@ -14,6 +14,11 @@ Conventions that every checker shares (the README's "The language interface" has
   ``sum`` introduces 15, whatever order the two facts come in.
 * Single-letter card ranks are read in capitals (``A``, ``J``, ``Q``, ``K``), so that the article "a" is
   never an ace; ``ace``, ``jack``, ``queen`` and ``king`` are read in any case.
+* Text may be quoted in double or single quotes (``"3 + 9"``, ``'3 + 9'``), which read alike. A single
+  quote right after a letter or digit opens no quote, and one right before a letter or digit closes none;
+  one that joins two words ("don't", "K's") is an apostrophe, and neither word is read alone ("K's" names
+  no king). The environments' rationales quote in single quotes: in a JSON answer a double quote needs a
+  backslash, which constrained decoding never writes in the thoughts.
 """
 
 from __future__ import annotations
@@ -28,12 +33,20 @@ import gymnasium as gym
 #: A number written in digits, with a sign only when the minus sign is glued to it ("-4.0", not "8-3").
 NUMBER = r"(?<![\w.])-?\d+(?:\.\d+)?"
 _RANK_WORDS = r"(?i:ace|jack|queen|king)"
+#: Word boundaries that keep an apostrophe inside a word ("K's", "don't") but let a quote mark end one
+#: ("'K'", "'3 + 9'"): no letter or digit, nor one and an apostrophe, before; no letter or digit, nor an
+#: apostrophe and one, after.
+_WORD_START = r"(?<!\w)(?<!\w')"
+_WORD_END = r"(?!\w)(?!'\w)"
 #: One playing card: a value 1..11 in digits (11 for an ace counted high), a rank letter in capitals or a
 #: rank word. A capital "A" right before another card is an article ("A 7"), not an ace.
 CARD = (
-    r"(?<![\w'])(?:10|11|[1-9]|" + _RANK_WORDS + r"|[JQK]|A(?!\s+(?:10|11|[1-9]|[JQKA]\b|" + _RANK_WORDS + r")))"
-    r"(?![\w'])"
+    rf"{_WORD_START}(?:10|11|[1-9]|{_RANK_WORDS}|[JQK]|A(?!\s+(?:10|11|[1-9]|[JQKA]\b|{_RANK_WORDS})))"
+    rf"{_WORD_END}"
 )
+#: Quoted text, in double quotes or in single quotes (see the module docstring for apostrophes); no groups,
+#: so that it can sit inside a larger pattern. :func:`find_quoted` gives the text inside.
+QUOTED = r'"[^"]*"|' + _WORD_START + r"'[^'\n]*'" + _WORD_END
 #: A list of cards separated by commas, "and", "&" or spaces: "3, 4", "A and 6", "K, 2 and 9". A number
 #: that an operator follows starts a formula, not another card: "3 and 9, and 3 + 9" lists two cards.
 _NEXT_CARD = CARD + r"(?!\s*[-+*/=\u00d7\u00f7])"
@@ -88,7 +101,7 @@ def _keyword(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
     """A keyword alternation as whole words, case-insensitive."""
     if isinstance(pattern, re.Pattern):
         return pattern
-    return re.compile(r"(?<![\w'])(?:" + pattern + r")(?![\w'])", re.IGNORECASE)
+    return re.compile(_WORD_START + r"(?:" + pattern + r")" + _WORD_END, re.IGNORECASE)
 
 
 def count_words(text: str) -> int:
@@ -117,6 +130,20 @@ def unclaimed_numbers(text: str, claimed: Iterable[tuple[int, int]]) -> list[Fou
     """
     spans = list(claimed)
     return [found for found in find_numbers(text) if not any(start <= found.start < end for start, end in spans)]
+
+
+_QUOTED = re.compile(QUOTED)
+
+
+def find_quoted(text: str) -> list[Found]:
+    """Every quoted text, in double or single quotes, as the string inside the quotes; the span includes them.
+
+    >>> [found.value for found in find_quoted("I don't know: '3 + 9' or \\"3 * 9\\", the cards' sum.")]
+    ['3 + 9', '3 * 9']
+    >>> [(found.value, found.start, found.end) for found in find_quoted("so far: ''")]
+    [('', 8, 10)]
+    """
+    return [Found(match.group()[1:-1], match.start(), match.end()) for match in _QUOTED.finditer(text)]
 
 
 def introduced(
@@ -302,7 +329,7 @@ def find_offsets(text: str, directions: Iterable[str], unit: str = "") -> list[O
     """
     words = "|".join(sorted((re.escape(word) for word in directions), key=len, reverse=True))
     unit_part = rf"(?:(?:{unit})\s*)?" if unit else ""
-    phrase = re.compile(rf"(?<![\w.-])(\d+(?:\.\d+)?)\s*{unit_part}(?:to\s+the\s+)?({words})(?![\w'])", re.IGNORECASE)
+    phrase = re.compile(rf"(?<![\w.-])(\d+(?:\.\d+)?)\s*{unit_part}(?:to\s+the\s+)?({words}){_WORD_END}", re.IGNORECASE)
     offsets: list[Offset] = []
     parts: list[tuple[str, float]] = []
     start = end = 0

@@ -372,7 +372,7 @@ def test_points_expert_rationale_names_the_next_token() -> None:
     env = _points(Points24Env, [8, 3, 8, 3])
     _play(env, "8 /")
     assert env.language.action_names[env.expert_action()] == "("
-    assert env.expert_rationale().endswith('"8 /", so the next token is (.')
+    assert env.expert_rationale().endswith("'8 /', so the next token is (.")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -213,34 +213,45 @@ TABLES: dict[Callable[[], Any], list[tuple[str, bool]]] = {
     ezpoints_empty: [
         (RATIONALE, True),
         ("I have 3 and 9 and nothing is written yet; 3 + 9 = 12.", True),
+        ("the card values are 3, 9. '9 + 3' makes 12.", True),
         ('the card values are 3, 9. "9 + 3" makes 12.', True),
         ("The cards 9, 3 make 12, so the next token is 3.", True),
+        ("The cards' values are 9 and 3; '3 + 9' makes 12, and nothing's written yet.", True),
         ("The cards 9, 4 make 12, so the next token is 3.", False),
         ("The cards 9 make 12, so the next token is 9.", False),
+        ("The cards 9, 3 make 12 as '3 * 9'.", False),
         ('The cards 9, 3 make 12 as "3 * 9".', False),
-        ('The cards 9, 3 make 12 as "3 + 8 + 1".', False),
-        ('The cards 9, 3; the formula so far is "3".', False),
+        ("The cards 9, 3 make 12 as '3 + 8 + 1'.", False),
+        ("The cards 9, 3; the formula so far is '3'.", False),
+        ("The cards 9, 3 don't make 12 as '3 * 9'.", False),
         ("The next token is 3.", False),
     ],
     # Cards 9 and 3, "3 +" written.
     ezpoints_3_plus: [
         (RATIONALE, True),
+        ("Cards: 3 and 9. Written so far: '3 +'. 3 + 9 = 12, so 9 is next.", True),
         ('Cards: 3 and 9. Written so far: "3 +". 3 + 9 = 12, so 9 is next.', True),
         ("The formula so far is 3 + and my cards are 9, 3.", True),
         ("So far: 3+. Card values 9 and 3.", True),
-        ('The cards 9, 4 make 12 as "3 + 9"; the formula so far is "3 +".', False),
+        ("I'd say the cards' values are 9 and 3, and the formula so far is '3+'; that's it.", True),
+        ("The cards 9, 4 make 12 as '3 + 9'; the formula so far is '3 +'.", False),
+        ("The cards 9, 3 make 12 as '3 + 9'; the formula so far is '3 *'.", False),
         ('The cards 9, 3 make 12 as "3 + 9"; the formula so far is "3 *".', False),
-        ('The cards 9, 3 make 12 as "3 + 9"; the formula is empty.', False),
-        ('The cards 9, 3 make 12 as "3 + 9", so the next token is 9.', False),
-        ('The formula so far is "3 +", so the next token is 9.', False),
-        ('The cards 9, 3; the formula so far is "3 +"; 7 more to go.', False),
+        ("The cards 9, 3 make 12 as '3 + 9'; the formula is empty.", False),
+        ("The cards 9, 3 make 12 as '3 + 9'; the formula so far is ''.", False),
+        ("The cards 9, 3 make 12 as '3 + 9', so the next token is 9.", False),
+        ("The formula so far is '3 +', so the next token is 9.", False),
+        ("The cards 9, 3; the formula so far is '3 +'; 7 more to go.", False),
+        ("The cards 9, 3; the formula so far is '3 +'; it's 7 more to go.", False),
     ],
     # Cards 9 and 3, "3 + 9" written.
     ezpoints_complete: [
         (RATIONALE, True),
         ("The formula so far is 3 + 9, which uses both cards and makes 12.", True),
+        ("The formula '3 + 9' uses every card and equals 12, so I submit it.", True),
         ('The formula "3 + 9" uses every card and equals 12, so I submit it.', True),
-        ('The formula "3 + 9 +" uses every card.', False),
+        ("The formula '3 + 9 +' uses every card.", False),
+        ("The formula '3 * 9' uses every card and equals 12.", False),
         ('The formula "3 * 9" uses every card and equals 12.', False),
     ],
     # Cards J, 2, 4, 3 and "( 10 - 4 )" written: no way to finish.
@@ -249,9 +260,11 @@ TABLES: dict[Callable[[], Any], list[tuple[str, bool]]] = {
         ("So far: (10-4). Cards J, 2, 4 and 3; 6 times 5 is too much.", False),
         ("So far: (10-4). Cards J, 2, 4 and 3; I cannot reach 24 any more.", True),
         ('My cards are 3, 4, 2 and 10 and I have written "(10 - 4)".', True),
-        ('The cards K, 2, 4, 3 and the formula so far is "( 10 - 4 )".', False),
-        ('The cards 10, 2, 4, 3 and the formula so far is "( 10 - 4".', False),
-        ('The cards 10, 2, 4, 3 and the formula so far is "( 10 + 4 )".', False),
+        ("My cards are 3, 4, 2 and J, and I've written '(10 - 4)'; the J's 10 is used.", True),
+        ("The cards K, 2, 4, 3 and the formula so far is '( 10 - 4 )'.", False),
+        ("The cards 10, 2, 4, 3 and the formula so far is '( 10 - 4'.", False),
+        ("The cards 10, 2, 4, 3 and the formula so far is '( 10 + 4 )'.", False),
+        ("The cards 10, 2, 4, 3 and the formula so far is '( 10 - 4 )', so '(10 - 4) * 4' works.", False),
         ('The cards 10, 2, 4, 3 and the formula so far is "( 10 - 4 )", so "(10 - 4) * 4" works.', False),
     ],
     # Agent at (5, 2), goal at (3, 5), counted from 1; the shortest path takes 5 moves and starts right.
@@ -353,6 +366,13 @@ EXPERT_EPISODES = [
 ]
 
 
+def _needs_no_escape(rationale: str) -> bool:
+    """Whether ``rationale`` can stand in a JSON answer's thoughts as it is: a double quote, a backslash or a
+    control character would need a backslash escape there, which constrained decoding never writes in the
+    thoughts, so ``VLMPolicy.completions_for`` (SFT on expert answers) would reject the answer."""
+    return '"' not in rationale and "\\" not in rationale and all(ord(character) >= 32 for character in rationale)
+
+
 @pytest.mark.parametrize(("env_id", "kwargs", "episodes"), EXPERT_EPISODES, ids=lambda value: str(value))
 def test_expert_rationale_passes_over_expert_episodes(env_id: str, kwargs: dict, episodes: int) -> None:
     env = gym.make(env_id, **kwargs)
@@ -386,10 +406,25 @@ def test_expert_rationale_passes_after_random_moves(make_env: Callable[[], Any])
         env.reset(seed=seed)
         for _ in range(30):
             assert env.check_thoughts(env.expert_rationale()), (seed, env.expert_rationale())
+            assert _needs_no_escape(env.expert_rationale()), (seed, env.expert_rationale())
             *_, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
             if terminated or truncated:
                 assert env.check_thoughts(env.expert_rationale()), (seed, env.expert_rationale())
+                assert _needs_no_escape(env.expert_rationale()), (seed, env.expert_rationale())
                 break
+
+
+@pytest.mark.parametrize("env_id", envs.VLMRL_ENV_IDS + tuple(envs.DEBUG_ENVS))
+def test_expert_rationale_needs_no_json_escape(env_id: str) -> None:
+    env = gym.make(env_id)
+    for seed in range(30):
+        env.reset(seed=seed)
+        terminated = truncated = False
+        while not (terminated or truncated):
+            rationale = env.unwrapped.expert_rationale()
+            assert _needs_no_escape(rationale), (seed, rationale)
+            *_, terminated, truncated, _ = env.step(env.unwrapped.expert_action())
+    env.close()
 
 
 def test_a_rationale_about_another_state_fails() -> None:
