@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +46,8 @@ class TrackedEnv(gym.Wrapper):
         super().__init__(env)
         self.index = index
         self.episode: dict[str, Any] = {"seed": None, "rng": None, "options": None, "actions": []}
+        self.next_seed: Callable[[], int] | None = None
+        """Where the seed of an automatic reset comes from (``None``: the env's own ``np_random`` goes on)."""
 
     @property
     def name(self) -> str:
@@ -60,6 +62,8 @@ class TrackedEnv(gym.Wrapper):
             raise RuntimeError(f"{self.name} failed in step({action!r}): {error!r}") from error
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        if seed is None and self.next_seed is not None:
+            seed = self.next_seed()
         rng = None
         if seed is None:
             try:
@@ -76,7 +80,11 @@ class TrackedEnv(gym.Wrapper):
         """Bring the env to the state ``episode`` recorded; return the observation it then shows."""
         if episode["seed"] is None and episode["rng"] is not None:
             self.env.unwrapped.np_random.bit_generator.state = copy.deepcopy(episode["rng"])
-        observation, _ = self.reset(seed=episode["seed"], options=episode["options"])
+        next_seed, self.next_seed = self.next_seed, None
+        try:
+            observation, _ = self.reset(seed=episode["seed"], options=episode["options"])
+        finally:
+            self.next_seed = next_seed
         self.episode["rng"] = copy.deepcopy(episode["rng"])
         for action in episode["actions"]:
             observation, *_ = self.step(action)
@@ -197,6 +205,10 @@ class RunnerStep:
     """Env index -> last observation of an episode that was truncated (for bootstrapping)."""
     finished: list[dict[str, float]]
     """Episodes that ended on this step: ``env``, ``return``, ``length``, ``success``."""
+    episode_seeds: list[int | None]
+    """Per env: the reset seed of the episode this step belongs to (``None`` after an unseeded reset)."""
+    episode_steps: np.ndarray
+    """Per env: the index of this step within its episode (0 = the episode's first step)."""
     thoughts_true: np.ndarray
     """Per env: 1.0 when the answer's thoughts state the observed state truly (the env's ``check_thoughts``),
     0.0 when they do not or there are none, NaN when nothing was checked (action-only answers, or an env
@@ -225,6 +237,7 @@ class EnvRunner:
         invalid_default_action: int = 0,
         success_rule: SuccessRule = "terminated_positive_reward",
         on_step: Callable[[int], Any] | None = None,
+        episode_seeds: Iterator[int] | None = None,
     ) -> None:
         import envs
 
@@ -236,7 +249,14 @@ class EnvRunner:
         self.invalid_default_action = invalid_default_action
         self.on_step = on_step
         self.vector_env = make_vector_env(env_id, num_envs, env_kwargs)
-        self.observations, _ = self.vector_env.reset(seed=seed)
+        self.recorder: Any = None
+        """An optional :class:`~agents.trajectories.EpisodeRecorder` that stores the episodes played."""
+        if episode_seeds is None:
+            self.observations, _ = self.vector_env.reset(seed=seed)
+        else:  # every episode of every env starts from the next seed (stored, and exactly replayable)
+            self.observations, _ = self.vector_env.reset(seed=[next(episode_seeds) for _ in range(num_envs)])
+            for env in self.vector_env.envs:
+                env.next_seed = lambda: next(episode_seeds)
         self.thought_checkers = [envs.thought_checker(env) for env in self.vector_env.envs]
         self.stats = EpisodeStats(num_envs, success_rule)
         self.steps = 0
@@ -252,6 +272,8 @@ class EnvRunner:
             completions, self.invalid_rule, self.invalid_default_action, len(self.spec.action_names), self.rng
         )
         thoughts_true = self._check_thoughts(completions, getattr(policy, "config", None))
+        episode_seeds = [env.episode["seed"] for env in self.vector_env.envs]
+        episode_steps = self.stats.lengths.copy()
         self.observations, rewards, terminated, truncated, info = self.vector_env.step(actions)
         finished = self.stats.update(rewards, terminated, truncated, info)
         cut = np.flatnonzero(truncated & ~terminated)
@@ -259,7 +281,7 @@ class EnvRunner:
         self.steps += self.num_envs
         if self.on_step is not None:
             self.on_step(self.num_envs)
-        return RunnerStep(
+        result = RunnerStep(
             observations=observations,
             completions=completions,
             actions=actions,
@@ -271,8 +293,13 @@ class EnvRunner:
             finished=finished,
             act_seconds=act_seconds,
             generated_tokens=sum(len(c.response_ids) for c in completions),
+            episode_seeds=episode_seeds,
+            episode_steps=episode_steps,
             thoughts_true=thoughts_true,
         )
+        if self.recorder is not None:
+            self.recorder.add(result)
+        return result
 
     def _check_thoughts(self, completions: list[Completion], policy_config: Any) -> np.ndarray:
         # Checked before the env steps: the thoughts are about the state the observation showed.
@@ -296,6 +323,7 @@ class EnvRunner:
             "episode_returns": self.stats.returns.copy(),
             "episode_lengths": self.stats.lengths.copy(),
             "episodes": [copy.deepcopy(env.episode) for env in self.vector_env.envs],
+            "recorder": self.recorder.state_dict() if self.recorder is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -313,6 +341,8 @@ class EnvRunner:
         self.stats.returns = state["episode_returns"].copy()
         self.stats.lengths = state["episode_lengths"].copy()
         self.observations = copy.deepcopy(state["observations"])
+        if self.recorder is not None and state.get("recorder") is not None:
+            self.recorder.load_state_dict(state["recorder"])
         differing = []
         for index, (env, episode) in enumerate(zip(self.vector_env.envs, state["episodes"])):
             replayed = env.replay(episode)
@@ -329,6 +359,8 @@ class EnvRunner:
             )
 
     def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.writer.close()
         self.vector_env.close()
 
 

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -123,6 +123,9 @@ class RunConfig:
     """Greedy evaluation episodes at the end of training (reported as ``eval/success_rate``)."""
     progress: bool = True
     """Show a progress bar with live success rate and steps/s."""
+    save_trajectories: Literal["none", "all", "successes"] = "none"
+    """Store the training envs' episodes (``all``, or only ``successes``) in ``<run dir>/trajectories``, a
+    trajectory store (``agents/trajectories.py``) whose ``source`` is ``run:<run dir>@update-<n>``."""
 
     # --- policy ----------------------------------------------------------------------------------------------
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -156,6 +159,8 @@ class RunConfig:
             spec = envs.get_language(self.env_id)
         except KeyError as error:
             raise ConfigError(str(error.args[0])) from None
+        if self.save_trajectories not in ("none", "all", "successes"):
+            raise ConfigError(f"save_trajectories must be none, all or successes, got {self.save_trajectories!r}.")
         if self.success_rule not in SUCCESS_RULES:
             raise ConfigError(f"success_rule must be one of {SUCCESS_RULES}, got {self.success_rule!r}.")
         if self.total_env_steps < 1:
@@ -482,7 +487,7 @@ class Run:
         """The training envs, seeded with ``config.seed``, reporting each step to the progress bar."""
         config = self.config
         try:
-            return EnvRunner(
+            runner = EnvRunner(
                 config.env_id,
                 config.num_envs,
                 config.env_kwargs,
@@ -499,6 +504,19 @@ class Run:
                 f"experiment script{f' {config.experiment!r}' if config.experiment else ''}; to train another "
                 "environment, use its own experiment name or `vlmrl train --env-id ID` with no experiment."
             ) from error
+        if config.save_trajectories != "none":
+            from agents.trajectories import EpisodeRecorder, TrajectoryWriter
+
+            runner.recorder = EpisodeRecorder(
+                TrajectoryWriter(self.run_dir / "trajectories"),
+                config.env_id,
+                config.env_kwargs,
+                config.policy.prompt_style,
+                config.num_envs,
+                source=lambda: f"run:{self.run_dir}@update-{self.update + 1}",
+                only_successes=config.save_trajectories == "successes",
+            )
+        return runner
 
     def restore(self, **stateful: Any) -> None:
         """Load the resumed checkpoint's state into each named object (``runner=``, ``optimizer=``...; the

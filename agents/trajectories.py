@@ -461,6 +461,19 @@ class TrajectoryWriter:
         self._buffer = []
         return final
 
+    def shard_count(self) -> int:
+        """Shards in the store now (written by any writer)."""
+        return self._next_index
+
+    def truncate(self, shards: int) -> None:
+        """Drop the buffer and every shard from index ``shards`` on: a resumed run cuts its store back to
+        its checkpoint, so the episodes it plays again are not stored twice."""
+        self._buffer, self._buffered_ids = [], set()
+        for index, path in _shard_files(self.path):
+            if index >= shards:
+                path.unlink()
+        self._next_index = shards
+
     def close(self) -> None:
         """Write what is buffered and release the store. Closing twice is harmless."""
         if self._lock_file is None:
@@ -723,3 +736,171 @@ __all__ = [
     "successes",
     "top_fraction",
 ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recording what a policy plays
+# ----------------------------------------------------------------------------------------------------------
+
+
+class EpisodeRecorder:
+    """Store the episodes an :class:`~agents.rollout.EnvRunner` plays, each as it ends.
+
+    Only whole episodes are stored: one already under way when recording began is left out (the episodes
+    under way at a checkpoint travel in it, so a resumed run stores them whole). ``rewards`` are the env's own (``reward_parts={"env": r}``); an algorithm's extra terms
+    (an invalid-answer penalty) are not part of the episode. The recorder's state (the number of shards
+    at a checkpoint) travels in the runner's checkpoint: on resume the store is cut back to it, so no
+    episode is stored twice.
+
+    Args:
+        writer: Where episodes go.
+        env_id, env_options: The env and its keyword arguments.
+        prompt_style: The policy's answer style (``"cot"`` answers have their thoughts stored).
+        num_envs: Envs of the runner.
+        source: The ``source`` column, or a function that gives it (a training run: its run and update).
+        only_successes: Store only successful episodes.
+        max_episodes: Stop storing after this many (the first to end; envs in index order on one step).
+    """
+
+    def __init__(
+        self,
+        writer: TrajectoryWriter,
+        env_id: str,
+        env_options: dict[str, Any],
+        prompt_style: str,
+        num_envs: int,
+        source: str | Any,
+        only_successes: bool = False,
+        max_episodes: int | None = None,
+    ) -> None:
+        self.writer, self.env_id, self.env_options = writer, env_id, env_options
+        self.max_episodes = max_episodes
+        self.successes: list[bool] = []
+        self.returns: list[float] = []
+        self.prompt_style, self.only_successes, self.source = prompt_style, only_successes, source
+        self.open: list[list[StepRecord] | None] = [None] * num_envs
+        self.seeds: list[int] = [-1] * num_envs
+        self.episodes_written = 0
+
+    def add(self, step: Any) -> None:
+        """Record one :class:`~agents.rollout.RunnerStep`."""
+        from envs.language import extract_thoughts
+
+        finished = {episode["env"]: episode for episode in step.finished}
+        for index, completion in enumerate(step.completions):
+            if step.episode_steps[index] == 0:  # a new episode starts with this step
+                self.open[index] = []
+                seed = step.episode_seeds[index]
+                self.seeds[index] = -1 if seed is None else int(seed)
+            records = self.open[index]
+            if records is None:
+                continue
+            reward = float(step.rewards[index])
+            records.append(
+                StepRecord(
+                    image=np.asarray(step.observations["image"][index]),
+                    step_text=str(step.observations["text"][index]),
+                    answer=completion.text,
+                    action=-1 if completion.action is None else int(completion.action),
+                    reward=reward,
+                    terminated=bool(step.terminated[index]),
+                    truncated=bool(step.truncated[index]),
+                    thoughts=extract_thoughts(completion.text) if self.prompt_style == "cot" else None,
+                    action_name=None if completion.action is None else completion.action_names[completion.action],
+                    invalid_reason=completion.reason if completion.action is None else None,
+                    reward_parts={"env": reward},
+                    logprob=float(completion.logprob),
+                )
+            )
+            if index in finished:
+                success = bool(finished[index]["success"])
+                full = self.max_episodes is not None and self.episodes_written >= self.max_episodes
+                if (success or not self.only_successes) and not full:
+                    self.successes.append(success)
+                    self.returns.append(float(finished[index]["return"]))
+                    self.writer.add_episode(
+                        records,
+                        env_id=self.env_id,
+                        seed=self.seeds[index],
+                        prompt_style=self.prompt_style,
+                        source=self.source() if callable(self.source) else self.source,
+                        env_options=self.env_options,
+                        success=success,
+                    )
+                    self.episodes_written += 1
+                self.open[index] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shards written so far and the episodes under way (plain data), for a checkpoint."""
+        import dataclasses
+
+        self.writer.flush()
+        return {
+            "shards": self.writer.shard_count(),
+            "open": [None if records is None else [dataclasses.asdict(r) for r in records] for records in self.open],
+            "seeds": list(self.seeds),
+            "episodes_written": self.episodes_written,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.writer.truncate(state["shards"])
+        self.open = [None if records is None else [StepRecord(**r) for r in records] for records in state["open"]]
+        self.seeds = list(state["seeds"])
+        self.episodes_written = state["episodes_written"]
+
+
+def collect_policy(
+    model: str,
+    env_id: str,
+    path: str | os.PathLike,
+    *,
+    episodes: int,
+    env_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    greedy: bool = False,
+    num_envs: int = 8,
+    device: str = "auto",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> dict[str, Any]:
+    """Play ``episodes`` episodes with a policy (``model``: a run directory, a policy directory or a preset)
+    and append them to the store at ``path``, with ``source`` the resolved policy directory.
+
+    Every episode starts from its own seed (``seed``, ``seed + 1``, ... in the order the envs reset), so the
+    store says which task each episode played; the first ``episodes`` that finish are kept.
+    """
+    import itertools
+
+    from agents.policy import load_policy, resolve_policy_directory
+    from agents.rollout import EnvRunner
+
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}.")
+    source = resolve_policy_directory(model)
+    policy = load_policy(source, device=device)
+    start = time.perf_counter()
+    runner = EnvRunner(
+        env_id,
+        num_envs,
+        env_kwargs,
+        seed=seed,
+        rng=np.random.default_rng(seed),
+        episode_seeds=itertools.count(seed),
+    )
+    writer = TrajectoryWriter(path, shard_size=shard_size)
+    runner.recorder = EpisodeRecorder(
+        writer, env_id, env_kwargs or {}, policy.config.prompt_style, num_envs, source=source, max_episodes=episodes
+    )
+    recorder = runner.recorder
+    try:
+        while recorder.episodes_written < episodes:
+            runner.step(policy, greedy=greedy)
+    finally:
+        runner.close()
+    return {
+        "path": str(path),
+        "source": source,
+        "episodes": recorder.episodes_written,
+        "success_rate": float(np.mean(recorder.successes)),
+        "mean_return": float(np.mean(recorder.returns)),
+        "seconds": round(time.perf_counter() - start, 3),
+    }

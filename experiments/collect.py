@@ -2,6 +2,7 @@
 
     vlmrl collect gridworld --expert --episodes 300 --out data/gridworld-expert
     vlmrl collect blackjack --expert --episodes 1000 --out data/blackjack-expert --prompt-style action
+    vlmrl collect blackjack --model runs/<run> --episodes 200 --out data/blackjack-policy
 
 The environment and its options are those of the named experiment (``vlmrl train <experiment>``), so the
 store matches what that experiment trains on. Running the command again with the same ``--out`` appends.
@@ -25,7 +26,16 @@ class CollectConfig:
     out: str
     """Store directory: created if missing, appended to if it is a store already."""
     expert: bool = False
-    """Answer with the environment's scripted expert (required: the only source of answers so far)."""
+    """Answer with the environment's scripted expert."""
+    model: str | None = None
+    """Answer with a policy instead: a run directory (its newest intact checkpoint), a checkpoint's policy
+    directory, or a preset. Its answer style is its own (``--prompt-style`` is not used)."""
+    greedy: bool = False
+    """With ``--model``: argmax decoding (else sampled at the policy's temperature)."""
+    num_envs: int = 8
+    """With ``--model``: envs answered together by one batched ``act``."""
+    device: str = "auto"
+    """With ``--model``: where the policy runs."""
     episodes: int = 100
     """Episodes to play, with seeds seed .. seed + episodes - 1."""
     seed: int = 0
@@ -38,14 +48,32 @@ class CollectConfig:
 
 def main(config: CollectConfig) -> dict:
     """Collect as ``config`` says, print the summary as JSON and return it."""
-    from agents.trajectories import collect_expert
+    from agents.trajectories import collect_expert, collect_policy
     from experiments.cli import EXPERIMENTS, experiment_config
 
     if config.experiment not in EXPERIMENTS:
         raise ValueError(f"Unknown experiment {config.experiment!r}; choose one of {', '.join(EXPERIMENTS)}.")
-    if not config.expert:
-        raise ValueError("Say who answers: pass --expert to play the environment's scripted expert.")
+    if config.expert == (config.model is not None):
+        raise ValueError(
+            "Say who answers: pass --expert to play the environment's scripted expert, or --model RUN_OR_DIR to "
+            "play a policy (one of the two)."
+        )
     experiment = experiment_config(config.experiment)
+    if config.model is not None:
+        summary = collect_policy(
+            config.model,
+            experiment.env_id,
+            config.out,
+            episodes=config.episodes,
+            env_kwargs=experiment.env_kwargs(),
+            seed=config.seed,
+            greedy=config.greedy,
+            num_envs=config.num_envs,
+            device=config.device,
+            shard_size=config.shard_size,
+        )
+        print(json.dumps(summary, indent=2))
+        return summary
     summary = collect_expert(
         experiment.env_id,
         config.out,

@@ -945,10 +945,11 @@ def test_completions_for_refuses_what_constrained_act_cannot_write(policy, prese
 
 
 def test_expert_thoughts_with_quotes_are_refused_under_constraints_only(policy):
-    # EZPoints' rationale quotes the formula: JSON escapes the quotes, and constrained thoughts hold no backslash.
-    observations, actions, rationales = env_steps("vlmrl/EZPoints-v0", [0])
+    # Thoughts with double quotes: JSON escapes them, and constrained thoughts hold no backslash (which is why
+    # every expert rationale quotes with single quotes).
+    observations, actions, _ = env_steps("vlmrl/EZPoints-v0", [0])
     spec = envs.get_language("vlmrl/EZPoints-v0")
-    answer = format_answer(actions[0], rationales[0])
+    answer = format_answer(actions[0], 'The formula so far is "3 +".')
     assert '\\"' in answer
     free = policy("tiny", max_new_tokens=DEMO_TOKENS).completions_for(observations, spec, [answer])
     assert free[0].valid and np.isfinite(free[0].logprob)

@@ -365,3 +365,86 @@ def test_collect_command(tmp_path):
         main(["collect", "gridworld", "--episodes", "3", "--out", str(tmp_path / "other")])
     with pytest.raises(SystemExit, match="Unknown experiment"):
         main(["collect", "chess", "--expert", "--out", str(tmp_path / "other")])
+
+
+# --- stores written by training runs and by policies ---------------------------------------------------------
+
+
+def _ppo_config(tmp_path, **overrides):
+    import dataclasses as dc
+
+    from agents.policy import PolicyConfig
+    from agents.ppo import PPOConfig
+
+    options = dict(
+        env_id="vlmrl/GridWorld-v0",
+        env_kwargs={"size": 3},  # short episodes: several end in each update
+        num_envs=2,
+        num_steps=4,
+        total_env_steps=32,
+        minibatch_size=4,
+        micro_batch_size=2,
+        update_epochs=1,
+        learning_rate=1e-3,
+        run_dir=str(tmp_path / "run"),
+        progress=False,
+        checkpoint_every=2,
+        save_trajectories="all",
+        policy=dc.replace(
+            PolicyConfig(model="tiny", prompt_style="action", constrained=True, lora_rank=0, temperature=1.0)
+        ),
+    )
+    options.update(overrides)
+    return PPOConfig(**options)
+
+
+def _comparable(dataset) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("episode_id", "image", "source")} for row in dataset]
+
+
+def test_a_training_run_stores_whole_episodes_and_resume_stores_none_twice(tmp_path):
+    import shutil
+
+    from agents.ppo import train
+
+    straight = train(_ppo_config(tmp_path / "a"))
+    stored = load_trajectories(straight / "trajectories")
+    assert len(stored) > 0 and all(s.startswith(f"run:{straight}@update-") for s in stored["source"])
+    for episode in episodes(stored):
+        assert episode["step"] == list(range(len(episode))) and episode[-1]["terminated"] or episode[-1]["truncated"]
+        assert episode[0]["seed"] >= 0 or episode[0]["seed"] == -1
+    # As if killed after checkpoint 2: the store is cut back to it, and the resumed run adds the rest once.
+    resumed = tmp_path / "b"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "update-000004")
+    train(_ppo_config(tmp_path / "ignored", resume=str(resumed)))
+    again = load_trajectories(resumed / "trajectories")
+    assert _comparable(again) == _comparable(stored)
+
+
+def test_successes_only_and_a_policy_as_the_collector(tmp_path):
+    from agents.ppo import train
+    from experiments.cli import main
+
+    run_dir = train(
+        _ppo_config(
+            tmp_path,
+            save_trajectories="successes",
+            checkpoint_every=0,
+            total_env_steps=64,
+            num_steps=8,
+            minibatch_size=8,
+            micro_batch_size=4,
+        )
+    )
+    assert all(load_trajectories(run_dir / "trajectories")["success"])
+    out = tmp_path / "collected"
+    main(["collect", "gridworld", "--model", str(run_dir), "--episodes", "5", "--seed", "100", "--out", str(out)])
+    collected = load_trajectories(out)
+    assert len(episodes(collected)) == 5
+    seeds = sorted({e[0]["seed"] for e in episodes(collected)})
+    assert len(seeds) == 5 and min(seeds) >= 100  # each episode has its own seed
+    assert set(collected["source"]) == {str(run_dir / "checkpoints" / "update-000004" / "policy")}  # the newest
+    assert all(np.isfinite(collected["logprob"]))
+    with pytest.raises(SystemExit, match="one of the two"):
+        main(["collect", "gridworld", "--expert", "--model", str(run_dir), "--out", str(tmp_path / "x")])
