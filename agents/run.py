@@ -20,6 +20,7 @@ import contextvars
 import dataclasses
 import fcntl
 import importlib
+import json
 import os
 import random
 import shutil
@@ -180,6 +181,22 @@ class RunConfig:
         if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
             raise ConfigError(f"Model directory {model!r} does not exist.")
         check_model_source(model)
+        _check_saved_policy(self.policy)
+
+
+def _check_saved_policy(policy: PolicyConfig) -> None:
+    """A saved policy (an SFT run, say) answers in the style it was trained in: refuse another one."""
+    from agents.policy import POLICY_FILE, resolve_policy_directory
+
+    path = Path(resolve_policy_directory(policy.model)) / POLICY_FILE
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())["config"]
+    if saved["prompt_style"] != policy.prompt_style:
+        raise ConfigError(
+            f"The policy at {policy.model} was trained to write {saved['prompt_style']} answers; pass "
+            f"--prompt-style {saved['prompt_style']} to train it further."
+        )
 
 
 _VALIDATE_ON_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("validate_on_init", default=True)

@@ -117,7 +117,7 @@ def load_demonstrations(config: SFTConfig) -> list[dict[str, Any]]:
             dataset = successes(dataset)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    dataset = dataset.filter(lambda row: row["valid"])
+    dataset = dataset.select([index for index, valid in enumerate(dataset["valid"]) if valid])
     if len(dataset) == 0:
         raise ConfigError(f"{config.data} has no step with a valid answer to learn from.")
     return [
