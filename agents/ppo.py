@@ -34,6 +34,9 @@ class PPOConfig(RunConfig):
     """PPO's options on top of every run's (:class:`~agents.run.RunConfig`). Defaults follow RL4VLM where it
     published them (noted per field)."""
 
+    total_env_steps: int = 20_000
+    """Environment steps to train for (all envs together). On resume, a larger value extends the run."""
+
     # --- PPO --------------------------------------------------------------------------------------------
     num_steps: int = 16
     """Rollout length per env per update (batch = num_envs * num_steps)."""

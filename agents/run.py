@@ -53,6 +53,7 @@ RESUMABLE_OPTIONS = frozenset(
         "run_dir",
         "overwrite",
         "total_env_steps",
+        "epochs",
         "progress",
         "eval_episodes",
         "track",
@@ -95,15 +96,13 @@ class RunConfig:
     """Name of the experiment; part of the run name ``{env}__{exp_name}__{seed}__{time}`` (default: the algorithm)."""
     seed: int = 1
     """Seed of the environments, the sampling and the minibatch order."""
-    total_env_steps: int = 20_000
-    """Environment steps to train for (all envs together). On resume, a larger value extends the run."""
     run_dir: str | None = None
     """Where metrics, checkpoints and plots go (default ``runs/<run name>``). Must be new or empty."""
     overwrite: bool = False
     """Delete what ``run_dir`` holds before starting (instead of refusing to mix two runs)."""
     resume: str | None = None
     """Run directory (or checkpoint directory) to continue from. Only the options that do not change what
-    the run computes may be given with it (total_env_steps, progress, eval_episodes, tracking, checkpoints)."""
+    the run computes may be given with it (a longer budget, progress, eval_episodes, tracking, checkpoints)."""
     checkpoint_every: int = 10
     """Save a checkpoint every this many updates (and always at the end); 0 saves only at the end."""
     keep_checkpoints: int = 2
@@ -164,8 +163,6 @@ class RunConfig:
             raise ConfigError(f"save_trajectories must be none, all or successes, got {self.save_trajectories!r}.")
         if self.success_rule not in SUCCESS_RULES:
             raise ConfigError(f"success_rule must be one of {SUCCESS_RULES}, got {self.success_rule!r}.")
-        if self.total_env_steps < 1:
-            raise ConfigError(f"total_env_steps must be >= 1, got {self.total_env_steps}.")
         if self.eval_episodes < 0:
             raise ConfigError(f"eval_episodes must be >= 0, got {self.eval_episodes}.")
         if self.keep_checkpoints < 1:
