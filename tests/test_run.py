@@ -242,7 +242,7 @@ def test_kill_9_at_a_random_point_then_resume_gives_the_uninterrupted_logs(tmp_p
     script = textwrap.dedent(
         f"""
         import json, torch
-        torch.set_num_threads(1)
+        torch.set_num_threads({torch.get_num_threads()})  # as this process: thread count changes float rounding
         from agents.ppo import PPOConfig, train
         from agents.run import config_from_dict
         train(config_from_dict(PPOConfig, json.loads(open({str(tmp_path / "config.json")!r}).read())))
