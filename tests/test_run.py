@@ -420,3 +420,14 @@ def test_bad_options_name_what_to_change(tmp_path):
         config(tmp_path, success_rule="whatever")
     with pytest.raises(ConfigError, match="learning_rate must be > 0"):
         config(tmp_path, learning_rate=0.0)
+
+
+def test_a_resumed_tracked_run_keeps_its_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = train(config(tmp_path, total_env_steps=16, track=True))
+    shutil.rmtree(run_dir / "checkpoints" / "update-000002")  # as if killed after checkpoint 1
+    train(config(tmp_path / "ignored", resume=str(run_dir)))
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and len({path.name.rsplit("-", 1)[-1] for path in offline}) == 1  # one run id
+    assert [r["global_step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [8, 16]
