@@ -393,16 +393,16 @@ class Run:
 
     An algorithm's ``train`` reads::
 
-        run = Run(config, "ppo")                 # starts, or resumes config.resume
-        config = run.config                      # the resumed run's options, when resuming
-        policy = run.load_policy()
-        runner = run.make_env_runner()
-        ...optimizer...
-        run.restore(optimizer=optimizer, runner=runner)
-        for update in run.updates(num_updates):
-            ...
-            run.end_update(update, metrics, policy, optimizer=optimizer, runner=runner)
-        return run.finish(policy)
+        with Run(config, "ppo") as run:             # starts, or resumes config.resume
+            config = run.config                     # the resumed run's options, when resuming
+            policy = run.load_policy()
+            runner = run.make_env_runner()
+            optimizer = make_optimizer(policy, config.learning_rate)
+            run.restore(runner=runner, optimizer=optimizer)
+            for update in run.updates(num_updates, steps_per_update):
+                ...                                 # rollout through runner.step(policy), the update
+                run.end_update(update, metrics, runner.steps, policy, finished=..., runner=runner, optimizer=optimizer)
+            return run.finish(policy, runner)
 
     Args:
         config: The algorithm's config (a :class:`RunConfig`).
