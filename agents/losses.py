@@ -5,6 +5,7 @@ Each one is checked against a hand computation in ``tests/test_losses.py``.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -72,3 +73,61 @@ def token_mean_nll(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Te
     [2.0]
     """
     return -(token_logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Group-relative advantages (GRPO, GiGPO)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def group_advantages(returns: np.ndarray, groups: np.ndarray, scale: bool = True, eps: float = 1e-6) -> np.ndarray:
+    """Each trajectory's return relative to its group's: ``(R - mean) / (std + eps)`` (GRPO, DeepSeekMath,
+    https://arxiv.org/abs/2402.03300), or ``R - mean`` with ``scale=False`` (Dr. GRPO,
+    https://arxiv.org/abs/2503.20783; verl-agent's ``mean_norm``). ``std`` is the population standard
+    deviation; a group whose returns are all equal gets 0.
+
+    >>> group_advantages(np.array([1.0, 0.0, 3.0, 3.0]), np.array([0, 0, 1, 1])).round(3).tolist()
+    [1.0, -1.0, 0.0, 0.0]
+    >>> group_advantages(np.array([1.0, 0.0, 5.0]), np.array([0, 0, 0]), scale=False).tolist()
+    [-1.0, -2.0, 3.0]
+    """
+    returns = np.asarray(returns, dtype=np.float64)
+    advantages = np.zeros_like(returns)
+    for group in np.unique(groups):
+        members = groups == group
+        centred = returns[members] - returns[members].mean()
+        std = returns[members].std()
+        if scale:
+            centred = centred / (std + eps) if std > 0 else np.zeros_like(centred)
+        advantages[members] = centred
+    return advantages
+
+
+def anchor_advantages(
+    step_returns: np.ndarray, groups: np.ndarray, states: list, scale: bool = True, eps: float = 1e-6
+) -> np.ndarray:
+    """GiGPO's step-level advantages (https://arxiv.org/abs/2505.10978): steps of one group that saw the same
+    state (``states[i]``: any hashable key, e.g. a hash of image and text) form an anchor group, and each
+    step's discounted return-to-go is normalised within it, as :func:`group_advantages` does per trajectory.
+    A state seen once gets 0.
+
+    >>> anchor_advantages(np.array([1.0, 3.0, 2.0, 5.0]), np.array([0, 0, 0, 1]), ["a", "a", "b", "a"]).round(3).tolist()
+    [-1.0, 1.0, 0.0, 0.0]
+    """
+    keys = [(group, state) for group, state in zip(np.asarray(groups).tolist(), states)]
+    index = {key: number for number, key in enumerate(dict.fromkeys(keys))}
+    return group_advantages(step_returns, np.array([index[key] for key in keys]), scale=scale, eps=eps)
+
+
+def discounted_returns_to_go(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    """``G_t = r_t + gamma * G_{t+1}`` over one episode's rewards.
+
+    >>> discounted_returns_to_go(np.array([0.0, 0.0, 1.0]), 0.5).tolist()
+    [0.25, 0.5, 1.0]
+    """
+    result = np.zeros(len(rewards))
+    following = 0.0
+    for t in reversed(range(len(rewards))):
+        following = rewards[t] + gamma * following
+        result[t] = following
+    return result
