@@ -27,6 +27,10 @@ class PlotConfig:
     """Where the PNG goes."""
     title: str = ""
     """Figure title (default: the environment id)."""
+    reference: tuple[str, ...] = ()
+    """Horizontal reference lines as ``LABEL=SUCCESS`` (e.g. ``"SFT checkpoint (greedy)=0.41"``)."""
+    metric: str = "charts/success_rate"
+    """The metric to draw (e.g. ``charts/thought_accuracy``)."""
 
 
 def method_of(run_dir: Path) -> str:
@@ -34,9 +38,11 @@ def method_of(run_dir: Path) -> str:
     return config.get("baseline") or config.get("exp_name", "run")
 
 
-def curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "charts/success_rate" in r]
-    return np.array([r["global_step"] for r in rows]), np.array([r["charts/success_rate"] for r in rows])
+def curve(run_dir: Path, metric: str = "charts/success_rate") -> tuple[np.ndarray, np.ndarray]:
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if metric in r]
+    if not rows:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} has no {metric} rows.")
+    return np.array([r["global_step"] for r in rows]), np.array([r[metric] for r in rows])
 
 
 def main(config: PlotConfig) -> list[dict]:
@@ -52,11 +58,11 @@ def main(config: PlotConfig) -> list[dict]:
     table = []
     for index, (method, runs) in enumerate(sorted(groups.items())):
         colour = f"C{index}"
-        grid_end = min(curve(run)[0][-1] for run in runs)
+        grid_end = min(curve(run, config.metric)[0][-1] for run in runs)
         grid = np.linspace(0, grid_end, 50)
         stacked = []
         for run in runs:
-            steps, success = curve(run)
+            steps, success = curve(run, config.metric)
             axis.plot(steps, success, color=colour, alpha=0.3, linewidth=1)
             stacked.append(np.interp(grid, steps, success))
             evals = [r["eval/success_rate"] for r in read_metrics(run / "metrics.jsonl") if "eval/success_rate" in r]
@@ -72,8 +78,14 @@ def main(config: PlotConfig) -> list[dict]:
                 }
             )
         axis.plot(grid, np.mean(stacked, axis=0), color=colour, linewidth=2.5, label=f"{method} ({len(runs)} seeds)")
+    for number, reference in enumerate(config.reference):
+        label, _, value = reference.rpartition("=")
+        if not label:
+            raise ValueError(f"--reference {reference!r}: write it as LABEL=VALUE.")
+        axis.axhline(float(value), color=f"C{len(groups) + number}", linestyle="--", linewidth=1.5, label=label)
     env_id = json.loads((Path(config.runs[0]) / "config.json").read_text()).get("env_id", "")
-    axis.set(xlabel="environment steps", ylabel="success rate", ylim=(-0.02, 1.02), title=config.title or env_id)
+    ylabel = "success rate" if config.metric == "charts/success_rate" else config.metric
+    axis.set(xlabel="environment steps", ylabel=ylabel, ylim=(-0.02, 1.02), title=config.title or env_id)
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
