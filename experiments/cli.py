@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         if (
             isinstance(error, ValueError)
             and not isinstance(error, VlmrlError)
-            and command not in ("train", "eval", "collect")
+            and command not in ("train", "eval", "collect", "plot")
         ):
             raise
         message = error.args[0] if error.args else str(error)
