@@ -25,6 +25,7 @@ from agents.errors import ConfigError
 from agents.losses import approx_kl, clip_fraction, clipped_surrogate, k3_kl, value_loss
 from agents.optim import GuardedStep, make_optimizer, set_learning_rate
 from agents.policy import VLMPolicy
+from agents.rollout import episode_metrics
 from agents.run import Run, RunConfig
 from agents.storage import Rollout
 
@@ -286,17 +287,6 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
                 optimizer=optimizer,
             )
         return run.finish(policy, runner)
-
-
-def episode_metrics(finished: list[dict[str, float]]) -> dict[str, float]:
-    """Mean return, success and length of the episodes that ended (nothing when none did)."""
-    if not finished:
-        return {}
-    return {
-        "charts/episodic_return": float(np.mean([e["return"] for e in finished])),
-        "charts/success_rate": float(np.mean([e["success"] for e in finished])),
-        "charts/episode_length": float(np.mean([e["length"] for e in finished])),
-    }
 
 
 @torch.no_grad()

@@ -152,11 +152,17 @@ class EpisodeStats:
         self.lengths = np.zeros(self.num_envs, dtype=np.int64)
 
     def update(
-        self, rewards: np.ndarray, terminated: np.ndarray, truncated: np.ndarray, info: dict
+        self,
+        rewards: np.ndarray,
+        terminated: np.ndarray,
+        truncated: np.ndarray,
+        info: dict,
+        active: np.ndarray | None = None,
     ) -> list[dict[str, float]]:
-        """Add one vector step; return the episodes it finished (each with its ``env`` index)."""
+        """Add one vector step (of the ``active`` envs only, when given); return the episodes it finished
+        (each with its ``env`` index)."""
         self.returns += rewards
-        self.lengths += 1
+        self.lengths += 1 if active is None else np.asarray(active, dtype=np.int64)
         ended = np.logical_or(terminated, truncated)
         final_info = info.get("final_info", {})
         # Vector envs mark which envs' infos hold a key with a "_key" mask.
@@ -185,6 +191,17 @@ class EpisodeStats:
         """The episodes finished since the last call."""
         finished, self.finished = self.finished, []
         return finished
+
+
+def episode_metrics(finished: list[dict[str, float]]) -> dict[str, float]:
+    """Mean return, success and length of the episodes that ended (nothing when none did)."""
+    if not finished:
+        return {}
+    return {
+        "charts/episodic_return": float(np.mean([e["return"] for e in finished])),
+        "charts/success_rate": float(np.mean([e["success"] for e in finished])),
+        "charts/episode_length": float(np.mean([e["length"] for e in finished])),
+    }
 
 
 @dataclass
@@ -262,25 +279,38 @@ class EnvRunner:
         self.steps = 0
         """Environment steps taken so far, all envs together."""
 
-    def step(self, policy, greedy: bool = False) -> RunnerStep:
-        """Answer the observations in hand with one batched ``act`` and step every env once."""
+    def step(self, policy, greedy: bool = False, active: np.ndarray | None = None) -> RunnerStep:
+        """Answer the observations in hand with one batched ``act`` and step every env once.
+
+        With ``active`` (a boolean mask), only those envs answer and step, and an env whose episode ends
+        is not reset: it waits for :meth:`reset` (group rollouts such as GRPO's play whole episodes in
+        rounds). The per-env fields of the result hold ``None``/0 for the envs that did not step.
+        """
         observations = self.observations
+        indices = np.arange(self.num_envs) if active is None else np.flatnonzero(active)
         start = time.perf_counter()
-        completions = policy.act(observations, self.spec, greedy=greedy)
+        answered = policy.act(_take(observations, indices), self.spec, greedy=greedy)
         act_seconds = time.perf_counter() - start
-        actions, invalid = env_actions(
-            completions, self.invalid_rule, self.invalid_default_action, len(self.spec.action_names), self.rng
+        completions: list[Completion | None] = [None] * self.num_envs
+        for index, completion in zip(indices, answered):
+            completions[index] = completion
+        actions, invalid = np.zeros(self.num_envs, dtype=np.int64), np.zeros(self.num_envs, dtype=bool)
+        actions[indices], invalid[indices] = env_actions(
+            answered, self.invalid_rule, self.invalid_default_action, len(self.spec.action_names), self.rng
         )
         thoughts_true = self._check_thoughts(completions, getattr(policy, "config", None))
         episode_seeds = [env.episode["seed"] for env in self.vector_env.envs]
         episode_steps = self.stats.lengths.copy()
-        self.observations, rewards, terminated, truncated, info = self.vector_env.step(actions)
-        finished = self.stats.update(rewards, terminated, truncated, info)
+        if active is None:
+            self.observations, rewards, terminated, truncated, info = self.vector_env.step(actions)
+        else:
+            rewards, terminated, truncated, info = self._step_some(indices, actions)
+        finished = self.stats.update(rewards, terminated, truncated, info, active)
         cut = np.flatnonzero(truncated & ~terminated)
         final_observations = {int(i): info["final_obs"][i] for i in cut}
-        self.steps += self.num_envs
+        self.steps += len(indices)
         if self.on_step is not None:
-            self.on_step(self.num_envs)
+            self.on_step(len(indices))
         result = RunnerStep(
             observations=observations,
             completions=completions,
@@ -292,7 +322,7 @@ class EnvRunner:
             final_observations=final_observations,
             finished=finished,
             act_seconds=act_seconds,
-            generated_tokens=sum(len(c.response_ids) for c in completions),
+            generated_tokens=sum(len(c.response_ids) for c in answered),
             episode_seeds=episode_seeds,
             episode_steps=episode_steps,
             thoughts_true=thoughts_true,
@@ -301,13 +331,36 @@ class EnvRunner:
             self.recorder.add(result)
         return result
 
-    def _check_thoughts(self, completions: list[Completion], policy_config: Any) -> np.ndarray:
+    def _step_some(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Step the envs at ``indices`` one by one, without autoreset; the others keep their observation."""
+        rewards = np.zeros(self.num_envs)
+        terminated, truncated = np.zeros(self.num_envs, dtype=bool), np.zeros(self.num_envs, dtype=bool)
+        success, reported = np.zeros(self.num_envs, dtype=bool), np.zeros(self.num_envs, dtype=bool)
+        final_obs: list[Any] = [None] * self.num_envs
+        for index in indices:
+            observation, reward, term, trunc, env_info = self.vector_env.envs[index].step(actions[index])
+            rewards[index], terminated[index], truncated[index] = reward, term, trunc
+            _set_observation(self.observations, index, observation)
+            if term or trunc:
+                final_obs[index] = observation
+                if "success" in env_info:
+                    success[index], reported[index] = bool(env_info["success"]), True
+        info = {"final_info": {"success": success, "_success": reported}, "final_obs": final_obs}
+        return rewards, terminated, truncated, info
+
+    def reset(self, seeds: Sequence[int]) -> None:
+        """Start a new episode in every env, env ``i`` from ``seeds[i]`` (a group rollout's round)."""
+        self.observations, _ = self.vector_env.reset(seed=[int(seed) for seed in seeds])
+        self.stats.returns[:] = 0.0
+        self.stats.lengths[:] = 0
+
+    def _check_thoughts(self, completions: list[Completion | None], policy_config: Any) -> np.ndarray:
         # Checked before the env steps: the thoughts are about the state the observation showed.
         result = np.full(self.num_envs, np.nan)
         if getattr(policy_config, "prompt_style", None) != "cot":
             return result
         for index, (checker, completion) in enumerate(zip(self.thought_checkers, completions)):
-            if checker is not None:
+            if checker is not None and completion is not None:
                 thoughts = extract_thoughts(completion.text)
                 result[index] = float(thoughts is not None and bool(checker(thoughts)))
         return result
@@ -362,6 +415,16 @@ class EnvRunner:
         if self.recorder is not None:
             self.recorder.writer.close()
         self.vector_env.close()
+
+
+def _take(batch: dict[str, Any], indices: np.ndarray) -> dict[str, Any]:
+    """The observations of the envs at ``indices`` from a vector env's batch."""
+    if len(indices) == len(next(iter(batch.values()))):
+        return batch
+    return {
+        key: value[indices] if isinstance(value, np.ndarray) else type(value)(value[i] for i in indices)
+        for key, value in batch.items()
+    }
 
 
 def _same_observation(a: Any, b: Any) -> bool:

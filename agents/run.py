@@ -568,6 +568,7 @@ class Run:
         finished: list[dict[str, float]],
         samples: list[dict[str, Any]] | None = None,
         frames: list[np.ndarray] | None = None,
+        last: bool | None = None,
         **stateful: Any,
     ) -> None:
         """Log one update (metrics, samples, video), show it, and checkpoint when due or at the end.
@@ -589,7 +590,8 @@ class Run:
             self.logger.log_samples(samples, global_step)
         if frames:
             self.logger.log_video(frames, global_step)
-        last = update + 1 == self.num_updates
+        if last is None:  # an algorithm whose budget is not a number of updates says when it is done
+            last = update + 1 == self.num_updates
         if last or (config.checkpoint_every and (update + 1) % config.checkpoint_every == 0):
             self.checkpoint(update + 1, policy, **stateful)
 

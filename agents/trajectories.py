@@ -788,6 +788,8 @@ class EpisodeRecorder:
 
         finished = {episode["env"]: episode for episode in step.finished}
         for index, completion in enumerate(step.completions):
+            if completion is None:  # this env did not step (a group rollout waiting for its round to end)
+                continue
             if step.episode_steps[index] == 0:  # a new episode starts with this step
                 self.open[index] = []
                 seed = step.episode_seeds[index]

@@ -27,6 +27,7 @@ from agents.tracking import read_metrics
 ALGORITHMS: dict[str, tuple[str, str]] = {
     "ppo": ("agents.ppo", "PPOConfig"),
     "sft": ("agents.sft", "SFTConfig"),
+    "grpo": ("agents.grpo", "GRPOConfig"),
 }
 
 #: Defaults of each algorithm for the experiments: sized for the randomly initialised ``tiny`` preset on a
@@ -40,6 +41,14 @@ CPU_DEFAULTS: dict[str, dict[str, Any]] = {
         # (README), 2e-5 learns much more slowly and 1e-3 collapses the policy onto one action. RL4VLM uses
         # 1e-5 with LoRA on 7B models.
         "learning_rate": 1e-4,
+        "minibatch_size": 64,
+        "micro_batch_size": 16,
+        "policy": PolicyConfig(model="tiny", prompt_style="action", constrained=True, lora_rank=0, temperature=1.0),
+    },
+    "grpo": {
+        "num_envs": 16,  # 2 groups of 8 (verl-agent's group size)
+        "total_env_steps": 20_480,
+        "learning_rate": 1e-4,  # as PPO's full fine-tuning of the tiny preset
         "minibatch_size": 64,
         "micro_batch_size": 16,
         "policy": PolicyConfig(model="tiny", prompt_style="action", constrained=True, lora_rank=0, temperature=1.0),
