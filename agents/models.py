@@ -490,7 +490,13 @@ def check_model_source(name_or_path: str) -> None:
 
     if name_or_path in PRESETS or Path(name_or_path).expanduser().exists():
         return
-    if name_or_path.startswith(("tiny", ".", "/", "~")) or name_or_path.count("/") > 1:
+    parent = Path(name_or_path).expanduser().parent
+    if (
+        name_or_path.startswith(("tiny", ".", "/", "~"))
+        or name_or_path.count("/") > 1
+        or parent.is_dir()
+        and str(parent) != "."
+    ):
         raise ConfigError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory.")
     from huggingface_hub import constants, try_to_load_from_cache
 

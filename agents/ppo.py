@@ -36,13 +36,15 @@ class PPOConfig(RunConfig):
     published them (noted per field)."""
 
     total_env_steps: int = 20_000
-    """Environment steps to train for (all envs together). On resume, a larger value extends the run."""
+    """Environment steps to train for (all envs together), in whole updates of num_envs * num_steps (rounded
+    down). On resume, a larger value extends the run."""
 
     # --- PPO --------------------------------------------------------------------------------------------
     num_steps: int = 16
     """Rollout length per env per update (batch = num_envs * num_steps)."""
     learning_rate: float = 1e-5
-    """AdamW learning rate. RL4VLM: 1e-5 with LoRA on 7B models; tiny models want ~3e-4."""
+    """AdamW learning rate. RL4VLM: 1e-5 with LoRA on 7B models; full fine-tuning of the tiny preset: 1e-4
+    (the experiments' default; see README)."""
     value_learning_rate: float | None = None
     """Learning rate of the value head (default: learning_rate). A value head trained from scratch on top of
     a pretrained model usually wants a larger one than the LoRA weights."""

@@ -291,10 +291,14 @@ def merge_resumed_config(saved: Any, given: Any, defaults: Any) -> Any:
             conflicts.append(f"{name} (run: {saved_value!r}, given: {given_value!r})")
     if conflicts:
         names = ", ".join("--" + c.split(" ")[0].replace("_", "-") for c in conflicts)
+        resumable = sorted(
+            "--" + f.name.replace("_", "-")
+            for f in dataclasses.fields(saved)
+            if f.name in RESUMABLE_OPTIONS and f.name not in ("resume", "run_dir", "overwrite")
+        )
         raise ConfigError(
             f"These options cannot change when a run is resumed: {'; '.join(conflicts)}. Drop {names} to "
-            f"resume, or start a new run with them. Options that may change on resume: "
-            f"{', '.join(sorted(o for o in RESUMABLE_OPTIONS if o not in ('resume', 'run_dir', 'overwrite')))}."
+            f"resume, or start a new run with them. Options that may change on resume: {', '.join(resumable)}."
         )
     merged.resume = given.resume
     return merged
@@ -472,8 +476,21 @@ class Run:
             )
         if defaults is None:  # from Python without defaults: nothing counts as given, the run goes on as saved
             defaults = config
+        given_run_dir = config.run_dir is not None and config.run_dir != defaults.run_dir
+        if given_run_dir and Path(config.run_dir).resolve() != self.checkpoint_path.parent.parent.resolve():
+            raise ConfigError(
+                f"--run-dir {config.run_dir} with --resume {resume}: a resumed run writes into its own directory "
+                f"({self.checkpoint_path.parent.parent}); drop --run-dir."
+            )
         merged = merge_resumed_config(saved, config, defaults)
+        merged.run_dir = str(self.checkpoint_path.parent.parent)
         merged.validate()
+        for budget in ("total_env_steps", "epochs"):
+            if getattr(merged, budget, None) is not None and getattr(merged, budget) < getattr(saved, budget):
+                raise ConfigError(
+                    f"--{budget.replace('_', '-')} {getattr(merged, budget)} is less than the run's "
+                    f"{getattr(saved, budget)}: a resumed run can be extended, not shortened."
+                )
         self.state = state
         return merged
 
@@ -644,8 +661,18 @@ class Run:
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # A new run that fails before its first checkpoint (bad data, options the env does not take...)
+        # leaves nothing behind: its directory would otherwise block the same --run-dir next time.
+        failed_at_start = (
+            exc_type is not None and self.state is None and not any((self.run_dir / "checkpoints").glob("update-*"))
+        )
         self.close()
+        if failed_at_start:
+            for entry in self.run_dir.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()
 
     def close(self) -> None:
         """Release the run directory (after a failure too: ``with Run(...) as run`` does it)."""

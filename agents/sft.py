@@ -201,7 +201,7 @@ def train(config: SFTConfig, defaults: SFTConfig | None = None) -> Path:
         run.restore(optimizer=optimizer, batches=batches)
         trainable = [p for p in policy.parameters() if p.requires_grad]
         guarded_step = GuardedStep(optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps)
-        samples_seen = run.update * config.batch_size
+        samples_seen = run.global_step  # demonstration steps trained on so far (0 for a new run)
 
         for update in run.updates(num_updates, config.batch_size):
             start = time.perf_counter()

@@ -176,10 +176,11 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 
 
 def plot_learning_curve(metrics_path: Path, output: Path, title: str | None = None) -> Path | None:
-    """Success rate and episodic return vs environment steps, as a PNG. ``None`` if nothing to plot."""
+    """Success rate and episodic return vs environment steps (or, for a run without episodes such as SFT, the
+    loss and the held-out evaluations), as a PNG. ``None`` if nothing to plot."""
     rows = [r for r in read_metrics(metrics_path) if "charts/success_rate" in r]
     if not rows:
-        return None
+        return _plot_supervised(metrics_path, output, title)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,6 +192,34 @@ def plot_learning_curve(metrics_path: Path, output: Path, title: str | None = No
     axes[0].set(xlabel="environment steps", ylabel="success rate", ylim=(-0.02, 1.02))
     axes[1].plot(steps, [r["charts/episodic_return"] for r in rows])
     axes[1].set(xlabel="environment steps", ylabel="episodic return")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    figure.suptitle(title or Path(metrics_path).parent.name, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+    return Path(output)
+
+
+def _plot_supervised(metrics_path: Path, output: Path, title: str | None) -> Path | None:
+    rows = read_metrics(metrics_path)
+    losses = [r for r in rows if "losses/nll" in r]
+    evals = [r for r in rows if "eval/success_rate" in r]
+    if not losses:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot([r["global_step"] for r in losses], [r["losses/nll"] for r in losses])
+    axes[0].set(xlabel="samples trained on", ylabel="answer NLL per token", yscale="log")
+    for key, label in (("eval/success_rate", "success"), ("eval/thought_accuracy", "true thoughts")):
+        points = [r for r in evals if key in r]
+        axes[1].plot([r["global_step"] for r in points], [r[key] for r in points], marker="o", label=label)
+    axes[1].set(xlabel="samples trained on", ylabel="greedy, held-out seeds", ylim=(-0.02, 1.02))
+    axes[1].legend()
     for axis in axes:
         axis.grid(alpha=0.3)
     figure.suptitle(title or Path(metrics_path).parent.name, fontsize=9)

@@ -760,6 +760,7 @@ class EpisodeRecorder:
         source: The ``source`` column, or a function that gives it (a training run: its run and update).
         only_successes: Store only successful episodes.
         max_episodes: Stop storing after this many (the first to end; envs in index order on one step).
+        seeds: Store only the episodes that start from one of these seeds.
     """
 
     def __init__(
@@ -772,8 +773,10 @@ class EpisodeRecorder:
         source: str | Any,
         only_successes: bool = False,
         max_episodes: int | None = None,
+        seeds: set[int] | None = None,
     ) -> None:
         self.writer, self.env_id, self.env_options = writer, env_id, env_options
+        self.wanted_seeds = seeds
         self.max_episodes = max_episodes
         self.successes: list[bool] = []
         self.returns: list[float] = []
@@ -791,8 +794,9 @@ class EpisodeRecorder:
             if completion is None:  # this env did not step (a group rollout waiting for its round to end)
                 continue
             if step.episode_steps[index] == 0:  # a new episode starts with this step
-                self.open[index] = []
                 seed = step.episode_seeds[index]
+                wanted = self.wanted_seeds is None or seed in self.wanted_seeds
+                self.open[index] = [] if wanted else None
                 self.seeds[index] = -1 if seed is None else int(seed)
             records = self.open[index]
             if records is None:
@@ -867,8 +871,9 @@ def collect_policy(
     """Play ``episodes`` episodes with a policy (``model``: a run directory, a policy directory or a preset)
     and append them to the store at ``path``, with ``source`` the resolved policy directory.
 
-    Every episode starts from its own seed (``seed``, ``seed + 1``, ... in the order the envs reset), so the
-    store says which task each episode played; the first ``episodes`` that finish are kept.
+    Every episode starts from its own seed, and exactly the seeds ``seed .. seed + episodes - 1`` are stored
+    (envs that reset after those are handed out play on, unstored, until the last wanted episode ends), so
+    short episodes are not favoured.
     """
     import itertools
 
@@ -890,7 +895,14 @@ def collect_policy(
     )
     writer = TrajectoryWriter(path, shard_size=shard_size)
     runner.recorder = EpisodeRecorder(
-        writer, env_id, env_kwargs or {}, policy.config.prompt_style, num_envs, source=source, max_episodes=episodes
+        writer,
+        env_id,
+        env_kwargs or {},
+        policy.config.prompt_style,
+        num_envs,
+        source=source,
+        max_episodes=episodes,
+        seeds=set(range(seed, seed + episodes)),
     )
     recorder = runner.recorder
     try:

@@ -34,20 +34,21 @@ def _pop_option(argv: list[str], name: str, default: str) -> str:
 
 
 def train(argv: list[str]) -> None:
+    from agents.errors import ConfigError
     from experiments.common import run
 
     algorithm = _pop_option(argv, "--algo", "ppo")
     if argv and not argv[0].startswith("-"):
         experiment = argv.pop(0)
         if experiment not in EXPERIMENTS:
-            raise SystemExit(
-                f"vlmrl: error: unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}, or "
+            raise ConfigError(
+                f"unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}, or "
                 "train a registered env with `vlmrl train --env-id ID`."
             )
     else:
         experiment = None
     if algorithm not in ALGORITHMS:
-        raise SystemExit(f"vlmrl: error: unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}.")
+        raise ConfigError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}.")
     run(experiment, argv, algorithm)
 
 
@@ -59,18 +60,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         dispatch(command, argv)
     except (VlmrlError, ValueError) as error:
-        # Problems with what was asked for: one line, no traceback. Bugs (any other exception) still trace.
-        if (
-            isinstance(error, ValueError)
-            and not isinstance(error, VlmrlError)
-            and command not in ("train", "eval", "collect", "plot")
-        ):
-            raise
+        # Problems with what was asked for (our own checks raise these): one line, no traceback, exit 2.
+        # Bugs (any other exception) still trace.
         message = error.args[0] if error.args else str(error)
-        raise SystemExit(f"vlmrl: error: {message}") from None
+        print(f"vlmrl: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def dispatch(command: str, argv: list[str]) -> None:
+    from agents.errors import VlmrlError
+
     if command == "train":
         train(argv)
     elif command == "eval":
@@ -108,9 +107,12 @@ def dispatch(command: str, argv: list[str]) -> None:
         from experiments.collect import main as collect
 
         collect(tyro.cli(CollectConfig, args=argv))
-    else:
+    elif command in ("-h", "--help", "help"):
         print(__doc__)
-        sys.exit(0 if command in ("-h", "--help", "help") else f"unknown command {command!r}")
+    else:
+        raise VlmrlError(
+            f"unknown command {command!r}; the commands are train, eval, demo, baseline, plot, collect (vlmrl --help)."
+        )
 
 
 if __name__ == "__main__":

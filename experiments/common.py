@@ -196,7 +196,8 @@ def run(experiment: str | None, args: list[str] | None = None, algorithm: str = 
     module = importlib.import_module(ALGORITHMS[algorithm][0])
     run_dir = module.train(config, defaults)
     print(json.dumps(summarize(run_dir), indent=2))
-    print(f"learning curve: {Path(run_dir) / 'learning_curve.png'}")
+    if (Path(run_dir) / "learning_curve.png").exists():
+        print(f"learning curve: {Path(run_dir) / 'learning_curve.png'}")
     return run_dir
 
 

@@ -31,3 +31,22 @@ def make_observations() -> Callable[..., list[dict]]:
         return [{"image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "text": text} for text in texts]
 
     return make
+
+
+@pytest.fixture
+def cli_fails(capsys) -> Callable[..., str]:
+    """``cli_fails(argv, pattern)``: the ``vlmrl`` command must stop with exit status 2 and one line
+    ``vlmrl: error: ...`` on stderr that matches ``pattern``; returns that line."""
+    import re
+
+    def run(argv: list[str], pattern: str) -> str:
+        from experiments.cli import main
+
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2, lines
+        assert lines and lines[-1].startswith("vlmrl: error: ") and re.search(pattern, lines[-1]), lines
+        return lines[-1]
+
+    return run

@@ -187,14 +187,13 @@ def test_a_corrupt_shard_is_named_and_skipped_only_when_asked(tmp_path):
         train(sft_config(tmp_path / "r2", store, env_id="vlmrl/GridWorld-v0", env_kwargs={}, skip_bad_shards=True))
 
 
-def test_sft_command_line(tmp_path, colour_store):
+def test_sft_command_line(tmp_path, colour_store, cli_fails):
     from experiments.cli import main
 
-    with pytest.raises(SystemExit, match="needs demonstrations"):
-        main(["train", "gridworld", "--algo", "sft", "--run-dir", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="holds cot answers"):
-        main(["train", "--env-id", "vlmrl/Colour-v0", "--algo", "sft", "--data", str(colour_store), "--prompt-style",
-              "action", "--run-dir", str(tmp_path / "y")])  # fmt: skip
+    cli_fails(["train", "gridworld", "--algo", "sft", "--run-dir", str(tmp_path / "x")], "needs demonstrations")
+    cli_fails(["train", "--env-id", "vlmrl/Colour-v0", "--algo", "sft", "--data", str(colour_store), "--prompt-style",
+               "action", "--run-dir", str(tmp_path / "y")], "holds cot answers")  # fmt: skip
+    assert not (tmp_path / "y").exists()  # the failed start left nothing that would block the directory
     main(["train", "--env-id", "vlmrl/Colour-v0", "--algo", "sft", "--data", str(colour_store), "--epochs", "1",
           "--eval-episodes", "4", "--run-dir", str(tmp_path / "z"), "--no-progress"])  # fmt: skip
     assert any("eval/success_rate" in r for r in read_metrics(tmp_path / "z" / "metrics.jsonl"))
