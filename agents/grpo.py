@@ -156,7 +156,7 @@ def play_round(runner, policy: VLMPolicy, config: GRPOConfig, seeds: list[int]) 
     groups = np.repeat(np.arange(config.num_groups), config.group_size)
     runner.reset([seeds[group] for group in groups])
     runner.stats.pop()  # the round's own episodes are in its steps
-    first = [observation_key(_observation(runner.observations, i)) for i in range(config.num_envs)]
+    first = {i: observation_key(_observation(runner.observations, i)) for i in range(config.num_envs)}
     for group in range(config.num_groups):
         members = np.flatnonzero(groups == group)
         if len({first[i] for i in members}) > 1:
@@ -166,8 +166,8 @@ def play_round(runner, policy: VLMPolicy, config: GRPOConfig, seeds: list[int]) 
             )
     result = Round([[] for _ in groups], [[] for _ in groups], [[] for _ in groups], groups, [], 0.0, 0, 0, [])
     active = np.ones(config.num_envs, dtype=bool)
+    keys = first  # the first step's states were hashed for the check above
     for _ in range(config.max_episode_steps):
-        keys = {i: observation_key(_observation(runner.observations, i)) for i in np.flatnonzero(active)}
         step = runner.step(policy, active=active)
         result.act_seconds += step.act_seconds
         result.tokens += step.generated_tokens
@@ -181,6 +181,7 @@ def play_round(runner, policy: VLMPolicy, config: GRPOConfig, seeds: list[int]) 
         active &= ~(step.terminated | step.truncated)
         if not active.any():
             break
+        keys = {i: observation_key(_observation(runner.observations, i)) for i in np.flatnonzero(active)}
     return result
 
 
@@ -328,8 +329,8 @@ def train(config: GRPOConfig, defaults: GRPOConfig | None = None) -> Path:
         config = run.config
         policy = run.load_policy()
         runner = run.make_env_runner()
-        trainable = [p for p in policy.parameters() if p.requires_grad and not _in_value_head(policy, p)]
         policy.value_head.requires_grad_(False)  # no critic in GRPO
+        trainable = [p for p in policy.parameters() if p.requires_grad]
         optimizer = make_optimizer(policy, config.learning_rate)
         reference = make_reference(policy, config)
         run.restore(runner=runner, optimizer=optimizer)
@@ -376,10 +377,6 @@ def train(config: GRPOConfig, defaults: GRPOConfig | None = None) -> Path:
             if last:
                 break
         return run.finish(policy, runner)
-
-
-def _in_value_head(policy: VLMPolicy, parameter: torch.nn.Parameter) -> bool:
-    return any(parameter is p for p in policy.value_head.parameters())
 
 
 def _equal_group(trajectories: Round, env: int) -> bool:

@@ -72,16 +72,15 @@ def main(config: CollectConfig) -> dict:
             device=config.device,
             shard_size=config.shard_size,
         )
-        print(json.dumps(summary, indent=2))
-        return summary
-    summary = collect_expert(
-        experiment.env_id,
-        config.out,
-        episodes=config.episodes,
-        env_kwargs=experiment.env_kwargs(),
-        seed=config.seed,
-        prompt_style=config.prompt_style,
-        shard_size=config.shard_size,
-    )
+    else:
+        summary = collect_expert(
+            experiment.env_id,
+            config.out,
+            episodes=config.episodes,
+            env_kwargs=experiment.env_kwargs(),
+            seed=config.seed,
+            prompt_style=config.prompt_style,
+            shard_size=config.shard_size,
+        )
     print(json.dumps(summary, indent=2))
     return summary
