@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -144,6 +145,34 @@ class Round:
     thoughts: list[float]
 
 
+def check_step_limit(config: GRPOConfig, seeds: list[int]) -> None:
+    """Before the model loads: if the env has a scripted expert and it needs more than ``max_episode_steps``
+    on every task of the first round, no trajectory can succeed within the limit, so stop and say so.
+    (Envs without an expert are checked after each round instead: see ``play_round``.)"""
+    import gymnasium as gym
+
+    env = gym.make(config.env_id, **config.env_kwargs)
+    try:
+        if not callable(getattr(env.unwrapped, "expert_action", None)):
+            return
+        needed = []
+        for seed in seeds:
+            env.reset(seed=seed)
+            for steps in range(1, config.max_episode_steps + 1):
+                _, _, terminated, truncated, info = env.step(int(env.unwrapped.expert_action()))
+                if terminated or truncated:
+                    break
+            needed.append(steps if terminated and info.get("success", True) else None)
+        if not any(needed):
+            raise ConfigError(
+                f"max_episode_steps={config.max_episode_steps}: {config.env_id}'s scripted expert does not finish any "
+                f"of the first round's {len(seeds)} tasks within it, so no trajectory can succeed; raise "
+                "max_episode_steps (or leave it at least at the env's own step limit)."
+            )
+    finally:
+        env.close()
+
+
 def observation_key(observation: dict) -> str:
     """A hash of the image's pixels and the text: equal keys are GiGPO's identical states."""
     digest = hashlib.sha1(np.ascontiguousarray(observation["image"]).tobytes())
@@ -182,6 +211,12 @@ def play_round(runner, policy: VLMPolicy, config: GRPOConfig, seeds: list[int]) 
         if not active.any():
             break
         keys = {i: observation_key(_observation(runner.observations, i)) for i in np.flatnonzero(active)}
+    if active.all():
+        warnings.warn(
+            f"max_episode_steps={config.max_episode_steps} cut every episode of this round before it ended; their "
+            "returns are partial and GRPO compares only those. Raise max_episode_steps if the env needs more steps.",
+            stacklevel=2,
+        )
     return result
 
 
@@ -327,6 +362,7 @@ def train(config: GRPOConfig, defaults: GRPOConfig | None = None) -> Path:
     """Run GRPO (or GiGPO with ``step_advantage_weight > 0``); return the run directory."""
     with Run(config, "grpo", defaults) as run:
         config = run.config
+        check_step_limit(config, round_seeds(config, 0))
         policy = run.load_policy()
         runner = run.make_env_runner()
         policy.value_head.requires_grad_(False)  # no critic in GRPO
@@ -342,10 +378,7 @@ def train(config: GRPOConfig, defaults: GRPOConfig | None = None) -> Path:
             start = time.perf_counter()
             # The rate decays with the env steps used (rounds differ in length), linearly to 0 at the budget.
             learning_rate = set_learning_rate(optimizer, runner.steps, config.total_env_steps, config.anneal_lr)
-            # Each round's tasks: seeds of their own, far from the evaluation's (10,000 + seed upward).
-            base = 1_000_000 * (config.seed + 1) + update * config.num_groups
-            seeds = [base + group for group in range(config.num_groups)]
-            trajectories = play_round(runner, policy, config, seeds)
+            trajectories = play_round(runner, policy, config, round_seeds(config, update))
             advantages, stats = round_advantages(trajectories, config)
 
             samples = [
@@ -377,6 +410,12 @@ def train(config: GRPOConfig, defaults: GRPOConfig | None = None) -> Path:
             if last:
                 break
         return run.finish(policy, runner)
+
+
+def round_seeds(config: GRPOConfig, update: int) -> list[int]:
+    """The tasks of a round, one seed per group: seeds of their own, far from the evaluation's (10,000 +)."""
+    base = 1_000_000 * (config.seed + 1) + update * config.num_groups
+    return [base + group for group in range(config.num_groups)]
 
 
 def _equal_group(trajectories: Round, env: int) -> bool:

@@ -162,3 +162,40 @@ def test_grpo_learns_to_name_the_colour(tmp_path):
     first, last = rows[0]["charts/success_rate"], np.mean([r["charts/success_rate"] for r in rows[-3:]])
     assert first < 0.6, f"the untrained policy should be near chance, got {first}"
     assert last >= 0.75, f"GRPO should learn the colour task; success over the last 3 updates: {last}"
+
+
+def test_a_step_limit_too_short_for_any_success_stops_before_the_model_loads(tmp_path, monkeypatch):
+    from agents.run import Run
+
+    monkeypatch.setattr(Run, "load_policy", lambda self: pytest.fail("the model loaded"))
+    # The fixed 4x4 layout needs 6 moves from corner to corner; a limit of 3 leaves no success possible.
+    config = grpo_config(tmp_path, env_kwargs={"size": 4, "random_start": False, "random_goal": False},
+                         max_episode_steps=3)  # fmt: skip
+    with pytest.raises(ConfigError, match="max_episode_steps=3: vlmrl/GridWorld-v0's scripted expert"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_round_advantages_by_hand_with_a_cut_trajectory():
+    from agents.grpo import Round, round_advantages
+
+    # One group of two from the same start s0. Env 0 reaches the goal in two steps (rewards 0, 1);
+    # env 1 is cut by the step limit after three steps without reaching it (rewards 0, 0, 0) and passes
+    # through s1 as env 0 did.
+    rewards = [[0.0, 1.0], [0.0, 0.0, 0.0]]
+    states = [["s0", "s1"], ["s0", "s2", "s1"]]
+    trajectories = Round([[None] * 2, [None] * 3], rewards, states, np.array([0, 0]), [], 0.0, 0, 0, [])
+    config = GRPOConfig.__new__(GRPOConfig)  # only the advantage fields are read
+    config.num_envs, config.group_size, config.gamma, config.step_advantage_weight = 2, 2, 0.5, 1.0
+    config.advantage_norm = "mean"
+    per_env, stats = round_advantages(trajectories, config)
+    # Episode level: returns 1 and 0, mean 0.5 -> +0.5 and -0.5 on every step of each trajectory.
+    # Step level (gamma 0.5): env 0's returns-to-go [0.5, 1.0], env 1's [0, 0, 0]; s0 {0.5, 0} -> +-0.25,
+    # s1 {1.0, 0} -> +-0.5, s2 alone -> 0.
+    np.testing.assert_allclose(per_env[0], [0.5 + 0.25, 0.5 + 0.5])
+    np.testing.assert_allclose(per_env[1], [-0.5 - 0.25, -0.5 + 0.0, -0.5 - 0.5])
+    assert stats["grpo/group_return_mean"] == 0.5 and stats["grpo/zero_variance_groups"] == 0.0
+    assert stats["grpo/shared_state_fraction"] == pytest.approx(4 / 5)
+    config.advantage_norm, config.step_advantage_weight = "std", 0.0  # GRPO: (R - mean) / std, std = 0.5
+    per_env, _ = round_advantages(trajectories, config)
+    np.testing.assert_allclose(np.concatenate(per_env), [1.0, 1.0, -1.0, -1.0, -1.0], atol=1e-5)
