@@ -62,6 +62,12 @@ def save_checkpoint(run_dir: Path, update: int, policy, trainer_state: dict[str,
     return final
 
 
+#: Checkpoints found intact in this process, keyed by their files' (name, size, mtime): start-up resolves a
+#: saved policy once to check its answer style and again to load it, and a 7B checkpoint should be hashed
+#: once. Any rewrite of a file changes its key, so a checkpoint changed since is hashed again.
+_VERIFIED: set[tuple] = set()
+
+
 def verify_checkpoint(directory: Path) -> str | None:
     """``None`` if the checkpoint is complete and intact, else what is wrong with it."""
     manifest_path = Path(directory) / MANIFEST
@@ -71,12 +77,18 @@ def verify_checkpoint(directory: Path) -> str | None:
         files = json.loads(manifest_path.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as error:
         return f"{manifest_path} is unreadable ({error})"
-    for name, expected in files.items():
-        path = Path(directory) / name
+    paths = [Path(directory) / name for name in files]
+    for path in paths:
         if not path.exists():
             return f"{path} is missing"
+    stats = [(path.stat().st_size, path.stat().st_mtime_ns) for path in paths]
+    key = (str(Path(directory).resolve()), manifest_path.stat().st_mtime_ns, *zip(files, stats))
+    if key in _VERIFIED:
+        return None
+    for path, expected in zip(paths, files.values()):
         if _sha256(path) != expected:
             return f"{path} does not match its checksum (damaged or changed after saving)"
+    _VERIFIED.add(key)
     return None
 
 

@@ -433,3 +433,28 @@ def test_a_resumed_tracked_run_keeps_its_wandb_run(tmp_path, monkeypatch):
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and len({path.name.rsplit("-", 1)[-1] for path in offline}) == 1  # one run id
     assert [r["global_step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [8, 16]
+
+
+def test_an_intact_checkpoint_is_hashed_once_per_process_and_again_once_changed(tmp_path, monkeypatch):
+    import os
+
+    from agents import checkpoint
+
+    class Saves:
+        def save(self, directory):
+            directory.mkdir(parents=True)
+            (directory / "weights.bin").write_bytes(b"w" * 64)
+
+    path = checkpoint.save_checkpoint(tmp_path, 1, Saves(), {"update": 1})
+    hashed = []
+    real = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    assert checkpoint.verify_checkpoint(path) is None
+    first = len(hashed)
+    assert first >= 2
+    assert checkpoint.verify_checkpoint(path) is None and len(hashed) == first  # start-up's second look
+    weights = path / "policy" / "weights.bin"
+    weights.write_bytes(b"x" * 64)  # same size, new content
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000))
+    assert "does not match its checksum" in checkpoint.verify_checkpoint(path)
