@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,15 @@ def main(config: BaselineConfig) -> Path:
         policy_kwargs={"normalize_images": True},
         stats_window_size=4 * config.num_envs,
     )
+    rollout = config.num_envs * config.n_steps
+    if config.total_env_steps % rollout:
+        # SB3 stops only at the end of a rollout, so it trains up to the next whole one.
+        trained = -(-config.total_env_steps // rollout) * rollout
+        warnings.warn(
+            f"SB3 trains in whole rollouts of num_envs * n_steps = {rollout} steps: {config.total_env_steps} asked, "
+            f"{trained} will be trained. Pick a multiple of {rollout} for an exact budget.",
+            stacklevel=2,
+        )
     model.learn(total_timesteps=config.total_env_steps, callback=LogRollouts())
     successes = []
     eval_env = ImageObservation(gym.make(env_id, **env_kwargs))
@@ -119,5 +129,10 @@ def main(config: BaselineConfig) -> Path:
         successes.append(success)
     logger.log({"eval/success_rate": float(np.mean(successes))}, model.num_timesteps)
     logger.finish()
-    print(json.dumps({"run_dir": str(run_dir), "eval_success_rate": float(np.mean(successes))}, indent=2))
+    summary = {
+        "run_dir": str(run_dir),
+        "env_steps": int(model.num_timesteps),
+        "eval_success_rate": float(np.mean(successes)),
+    }
+    print(json.dumps(summary, indent=2))
     return run_dir
