@@ -103,6 +103,13 @@ class DPOConfig(RunConfig):
     """Passes over a round's pairs."""
 
     def validate(self) -> None:
+        model = self.policy.model
+        if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+            # Checked before RunConfig's own check to say why it matters here (a resumed run's start, too).
+            raise ConfigError(
+                f"The starting policy {model} does not exist, so DPO's reference (the frozen starting weights) "
+                "cannot be built; restore it, or start a new run from an existing policy."
+            )
         super().validate()
         if self.rounds < 0:
             raise ConfigError(f"rounds must be >= 0, got {self.rounds}.")

@@ -387,6 +387,9 @@ def load_pairs(path: str | os.PathLike) -> datasets.Dataset:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"No pair set at {path}: make one with `vlmrl pairs STORE --out {path}`.")
+    state = path / "state.json"
+    if state.is_file() and json.loads(state.read_text()).get("_data_files") == []:
+        raise ValueError(f"{path} holds no pairs; there is nothing to learn from.")  # datasets cannot load it
     try:
         pairs = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as error:

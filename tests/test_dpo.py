@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import envs
-from agents.errors import ConfigError
 from agents.dpo import DPOConfig, dpo_losses, load_pair_rows, make_reference, minibatch_step, pair_data, train
+from agents.errors import ConfigError
 from agents.losses import dpo_loss
 from agents.optim import GuardedStep
 from agents.pairs import build_pairs, load_pairs, save_pairs
@@ -310,3 +310,115 @@ def test_dpo_trains_evaluates_and_resumes_exactly(tmp_path, colour_pairs):
         assert torch.equal(value, actual[name]), name
     losses = [r.get("losses/loss") for r in read_metrics(straight / "metrics.jsonl")]
     assert losses == [r.get("losses/loss") for r in read_metrics(resumed / "metrics.jsonl")]
+
+
+def test_trl_dpo_trainer_trains_on_exported_pairs(tmp_path, colour_pairs):
+    """The saved pair set is TRL's conversational vision preference format as it is. TRL builds a missing
+    reference from ``model.config``'s hub id, which a preset has not, so the frozen start is passed in;
+    ``max_length=None`` keeps TRL from cutting image tokens off the prompt."""
+    import datasets
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer
+
+    policy = load_policy("tiny", lora_rank=0, prompt_style="action")
+    reference = load_policy("tiny", lora_rank=0, prompt_style="action")  # the same init_seed: the start
+    args = TRLConfig(
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        max_length=None,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+    )
+    trainer = DPOTrainer(
+        model=policy.model,
+        ref_model=reference.model,
+        args=args,
+        train_dataset=datasets.load_from_disk(str(colour_pairs)),
+        processing_class=policy.processor,
+    )
+    before = {name: p.detach().clone() for name, p in policy.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    logs = [row for row in trainer.state.log_history if "rewards/margins" in row]
+    assert len(logs) == 2 and logs[0]["rewards/margins"] == 0.0  # the first step starts at the reference
+    assert logs[-1]["rewards/margins"] > 0
+    assert all(not torch.equal(p, before[name]) for name, p in policy.model.named_parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input, refused before training
+# ----------------------------------------------------------------------------------------------------------
+
+
+def edited_pairs(source: Path, target: Path, edit) -> Path:
+    import datasets
+
+    datasets.load_from_disk(str(source)).map(edit).save_to_disk(str(target))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("edit", "overrides", "message"),
+    [
+        (None, dict(pairs=""), "needs preference pairs"),
+        (None, dict(pairs="/nonexistent/pairs"), "no such directory"),
+        (None, dict(rounds=2), "exclude each other"),
+        (None, dict(env_id=GRID), "is of vlmrl/Colour-v0, not"),
+        (None, dict(env_kwargs={"text_hint": True}), "collected with env options"),
+        (None, dict(policy=dataclasses.replace(ACTION, prompt_style="cot")), "holds action answers"),
+        (None, dict(beta=0.0), "beta must be > 0"),
+        (None, dict(held_out_fraction=1.0), "held_out_fraction"),
+        (lambda row: {"rejected": row["chosen"]}, {}, "same chosen and rejected answer"),
+        (lambda row: {"images": []}, {}, "has no image"),
+        (
+            lambda row: {"prompt": [{"role": "user", "content": "Old template: " + row["prompt"][0]["content"]}]},
+            {},
+            "another template",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_pairs_and_options_are_refused_before_training(tmp_path, colour_pairs, edit, overrides, message):
+    overrides = dict(overrides)
+    pairs = overrides.pop("pairs", colour_pairs if edit is None else edited_pairs(colour_pairs, tmp_path / "p", edit))
+    with pytest.raises(ConfigError, match=message):
+        train(dpo_config(tmp_path, pairs, **overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_pair_set_is_refused(tmp_path, colour_pairs):
+    import datasets
+
+    datasets.load_from_disk(str(colour_pairs)).select([]).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="holds no pairs"):
+        train(dpo_config(tmp_path, tmp_path / "empty"))
+
+
+def test_pairs_and_dpo_command_lines(tmp_path, colour_pairs, cli_fails):
+    from experiments.cli import main
+
+    store = write_store(
+        tmp_path / "s", [(0, episode([0], ["up"], [1.0]), "p"), (0, episode([0], ["down"], [1.0]), "p")]
+    )
+    cli_fails(["pairs", str(store), "--out", str(tmp_path / "x")], "No preference pair found .*ties")
+    cli_fails(["pairs", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], "No trajectory store")
+    cli_fails(["pairs", str(store), "--mode", "expert", "--out", str(tmp_path / "x")], "No expert steps")
+    cli_fails(["train", "gridworld", "--algo", "dpo", "--run-dir", str(tmp_path / "r")], "needs preference pairs")
+    cli_fails(["train", "gridworld", "--algo", "dpo", "--pairs", str(colour_pairs), "--run-dir", str(tmp_path / "r")],
+              "is of vlmrl/Colour-v0")  # fmt: skip
+    assert not (tmp_path / "r").exists()
+    main(["train", "--env-id", COLOUR, "--algo", "dpo", "--pairs", str(colour_pairs), "--prompt-style", "action",
+          "--epochs", "1", "--batch-size", "2", "--micro-batch-size", "2", "--eval-episodes", "2", "--num-envs", "2",
+          "--run-dir", str(tmp_path / "z"), "--no-progress"])  # fmt: skip
+    assert any("eval/success_rate" in r for r in read_metrics(tmp_path / "z" / "metrics.jsonl"))
+
+
+def test_a_run_whose_starting_policy_is_gone_cannot_build_its_reference(tmp_path, colour_pairs):
+    start = tmp_path / "start"
+    load_policy("tiny", lora_rank=0, prompt_style="action").save(start)
+    run_dir = train(dpo_config(tmp_path, colour_pairs, policy=dataclasses.replace(ACTION, model=str(start))))
+    shutil.rmtree(start)
+    with pytest.raises(ConfigError, match="reference .*cannot be built"):
+        train(dpo_config(tmp_path / "x", colour_pairs, resume=str(run_dir)))
