@@ -422,3 +422,26 @@ def test_a_run_whose_starting_policy_is_gone_cannot_build_its_reference(tmp_path
     shutil.rmtree(start)
     with pytest.raises(ConfigError, match="reference .*cannot be built"):
         train(dpo_config(tmp_path / "x", colour_pairs, resume=str(run_dir)))
+
+
+def test_iterated_dpo_plays_pairs_and_trains_once_per_round_and_resumes_exactly(tmp_path):
+    options = dict(rounds=3, episodes_per_round=8, group_size=4, num_envs=4, batch_size=4,
+                   micro_batch_size=4, checkpoint_every=1, keep_checkpoints=3)  # fmt: skip
+    straight = train(dpo_config(tmp_path / "a", "", **options))
+    rows = read_metrics(straight / "metrics.jsonl")
+    assert len(rows) == 3 and all("dpo/pairs" in r and "charts/success_rate" in r for r in rows)
+    assert any(r["dpo/pairs"] > 0 and "rewards/margins" in r for r in rows)  # sampled colours differ in reward
+    assert sorted(p.name for p in (straight / "rounds").iterdir()) == ["round-0000", "round-0001", "round-0002"]
+    assert len(load_trajectories(straight / "rounds" / "round-0001")) == 8
+    checkpoints = sorted((straight / "checkpoints").glob("update-*"))
+    resumed = tmp_path / "b"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / checkpoints[-1].name)
+    train(dpo_config(tmp_path / "ignored", "", resume=str(resumed), **options))
+    expected = load_policy(str(checkpoints[-1] / "policy")).state_dict()
+    actual = load_policy(str(resumed / "checkpoints" / checkpoints[-1].name / "policy")).state_dict()
+    for name, value in expected.items():
+        assert torch.equal(value, actual[name]), name
+    untimed = [[{k: v for k, v in r.items() if k != "charts/round_seconds"} for r in rs]
+               for rs in (rows, read_metrics(resumed / "metrics.jsonl"))]  # fmt: skip
+    assert untimed[0] == untimed[1]
