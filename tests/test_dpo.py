@@ -235,13 +235,23 @@ def prepared(config: DPOConfig):
     return policy, reference, pair_data(policy, reference, load_pair_rows(config), config)
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_at_the_start_the_policy_is_its_reference(tmp_path, colour_pairs, lora_rank):
+@pytest.mark.parametrize("start", ["preset", "fresh-lora", "trained-lora"])
+def test_at_the_start_the_policy_is_its_reference(tmp_path, colour_pairs, start):
     """Full fine-tuning of a preset: the reference is the preset rebuilt from the same init_seed, so the
-    implicit rewards start at exactly 0; LoRA: the adapter-off base, equal to a fresh adapter's policy."""
-    config = dpo_config(tmp_path, colour_pairs, policy=dataclasses.replace(ACTION, lora_rank=lora_rank))
+    implicit rewards start at 0; a fresh LoRA adapter: the adapter-off base; a saved policy with a trained
+    adapter (an SFT run with LoRA, say): a frozen copy of it, since its adapter-off base is not the start."""
+    policy_config = dataclasses.replace(ACTION, lora_rank=0 if start == "preset" else 4)
+    if start == "trained-lora":
+        trained = load_policy("tiny", lora_rank=4, prompt_style="action", constrained=True)
+        with torch.no_grad():
+            for name, parameter in trained.model.named_parameters():
+                if "lora_B" in name:
+                    parameter.add_(0.05 * torch.randn_like(parameter))
+        trained.save(tmp_path / "trained")
+        policy_config = dataclasses.replace(policy_config, model=str(tmp_path / "trained"))
+    config = dpo_config(tmp_path, colour_pairs, policy=policy_config)
     policy, reference, data = prepared(config)
-    assert (reference is policy) == (lora_rank > 0)
+    assert (reference is policy) == (start == "fresh-lora")
     with torch.no_grad():
         _, parts = dpo_losses(policy, data.select(range(6)), config)
     # Zero up to float rounding: the reference's log-probs were computed in other batch shapes.
@@ -250,23 +260,39 @@ def test_at_the_start_the_policy_is_its_reference(tmp_path, colour_pairs, lora_r
     assert float(parts["losses/preference_loss"]) == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_the_loss_of_a_micro_batch_against_a_hand_computation(tmp_path, colour_pairs):
-    """The policy's answer log-probs at temperature 1 (summed tokens), the reference's, beta and RPO's
-    per-token NLL of the chosen answer put together by hand."""
+@pytest.mark.parametrize("logprob", ["answer", "weighted"])
+def test_the_loss_of_a_micro_batch_against_a_hand_computation(tmp_path, colour_pairs, logprob):
+    """The policy's answer log-probs at temperature 1 (summed tokens, or lambda-weighted), the reference's,
+    beta and RPO's per-token NLL of the chosen answer put together by hand."""
     config = dpo_config(
-        tmp_path, colour_pairs, beta=0.5, rpo_alpha=0.7, policy=dataclasses.replace(ACTION, temperature=0.3)
+        tmp_path,
+        colour_pairs,
+        beta=0.5,
+        rpo_alpha=0.7,
+        logprob=logprob,
+        policy=dataclasses.replace(ACTION, temperature=0.3),
     )
     policy, _, data = prepared(config)
     with torch.no_grad():  # move the policy away from its reference, so the rewards are not 0
         for parameter in policy.model.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
     micro = data.select([0, 1])
+    for completion in micro.chosen + micro.rejected:  # bare action answers weigh every token 1: make it show
+        completion.token_weights = torch.linspace(0.2, 1.0, len(completion.response_ids))
     with torch.no_grad():
         loss, parts = dpo_losses(policy, micro, config)
         chosen = policy.evaluate(micro.chosen, temperature=1.0)
         rejected = policy.evaluate(micro.rejected, temperature=1.0)
-    chosen_logprob = (chosen.token_logprobs * chosen.token_mask).sum(-1)
-    rejected_logprob = (rejected.token_logprobs * rejected.token_mask).sum(-1)
+
+    def answer_logprob(evaluation, completions):
+        weights = torch.zeros_like(evaluation.token_logprobs)
+        for row, completion in enumerate(completions):
+            weights[row, : len(completion.token_weights)] = completion.token_weights
+        if logprob == "answer":
+            weights = evaluation.token_mask.float()
+        return (weights * evaluation.token_logprobs).sum(-1)
+
+    chosen_logprob, rejected_logprob = answer_logprob(chosen, micro.chosen), answer_logprob(rejected, micro.rejected)
     h = (chosen_logprob - micro.reference_chosen) - (rejected_logprob - micro.reference_rejected)
     dpo = torch.log1p(torch.exp(-0.5 * h)).mean()
     nll = (-(chosen.token_logprobs * chosen.token_mask).sum(-1) / chosen.token_mask.sum(-1)).mean()
