@@ -68,6 +68,9 @@ class DPOConfig(RunConfig):
     logprob: Literal["answer", "weighted"] = "answer"
     """Log-prob of an answer: ``answer``, the sum of its tokens' log-probs (DPO); ``weighted``, the
     lambda-weighted thoughts + action log-prob PPO uses (``--thought-weight``)."""
+    skip_unwritable: bool = False
+    """Leave out (with a warning) the pairs with an answer this policy's decoding could never write, e.g. an
+    invalid answer under ``--constrained``; else such a pair stops the run before training."""
     held_out_fraction: float = 0.1
     """Fraction of the pairs (random, fixed by ``seed``) kept out of training to measure
     ``dpo/heldout_accuracy``; 0: none. Offline only."""
@@ -242,21 +245,51 @@ def load_pair_rows(config: DPOConfig) -> list[dict[str, Any]]:
     return check_pairs(pairs, config, config.pairs)
 
 
-def pair_data(policy: VLMPolicy, reference: VLMPolicy, rows: list[dict[str, Any]], config: DPOConfig) -> PairData:
-    """Each pair's answers as the policy would have written them, and their reference log-probs."""
+def pair_data(
+    policy: VLMPolicy,
+    reference: VLMPolicy,
+    rows: list[dict[str, Any]],
+    config: DPOConfig,
+    where: str = "the pairs",
+    skip_unwritable: bool | None = None,
+) -> PairData:
+    """Each pair's answers as the policy would have written them, and their reference log-probs.
+
+    A pair with an answer the policy's decoding could never write (an invalid answer under constrained
+    decoding, an answer longer than ``max_new_tokens`` in the tokenizer's spelling) stops the run, or is
+    left out with a warning under ``skip_unwritable`` (by default ``config.skip_unwritable``).
+    """
+    import warnings
+
     import envs
 
     spec = envs.get_language(config.env_id)
-    chosen, rejected = [], []
+    chosen, rejected, skipped = [], [], []
     for index, row in enumerate(rows):
         try:
             [good, bad] = policy.completions_for(
                 [row["observation"]] * 2, spec, [row["chosen"], row["rejected"]], score=False
             )
         except ValueError as error:
-            raise ConfigError(f"Pair {index} cannot be written by this policy's decoding: {error}") from None
+            reason = str(error) if len(str(error)) <= 300 else str(error)[:300] + "..."
+            if not (config.skip_unwritable if skip_unwritable is None else skip_unwritable):
+                raise ConfigError(
+                    f"{where}: pair {index} holds an answer this policy's decoding cannot write ({reason}). Pass "
+                    "--skip-unwritable to leave such pairs out, or match --constrained/--max-new-tokens to the "
+                    "policy that wrote them."
+                ) from None
+            skipped.append(index)
+            continue
         chosen.append(good)
         rejected.append(bad)
+    if skipped:
+        if not chosen:
+            raise ConfigError(f"{where}: none of the {len(rows)} pairs can be written by this policy's decoding.")
+        warnings.warn(
+            f"{where}: left out {len(skipped)} of {len(rows)} pairs this policy's decoding cannot write "
+            f"(pairs {skipped[:10]}{'...' if len(skipped) > 10 else ''}).",
+            stacklevel=2,
+        )
     reference_chosen = reference_logprobs(reference, policy, chosen, config)
     reference_rejected = reference_logprobs(reference, policy, rejected, config)
     return PairData(chosen, rejected, reference_chosen, reference_rejected)
@@ -384,7 +417,7 @@ def train(config: DPOConfig, defaults: DPOConfig | None = None) -> Path:
         policy = run.load_policy()
         policy.value_head.requires_grad_(False)  # no critic in DPO
         reference = make_reference(policy, config)
-        data = pair_data(policy, reference, rows, config)
+        data = pair_data(policy, reference, rows, config, config.pairs)
         if reference is not policy:
             del reference  # its log-probs of every pair are all DPO needs from it
         # The held-out split comes from its own generator: the run's stays the minibatch order's alone.
@@ -504,7 +537,11 @@ def train_iterated(config: DPOConfig, defaults: DPOConfig | None = None) -> Path
             metrics["dpo/pairs"] = float(len(pairs) if pairs is not None else 0)
             metrics.update({f"dpo/dropped_{k}": float(v) for k, v in counts.items() if k != "kept"})
             if pairs is not None:
-                data = pair_data(policy, reference, check_pairs(pairs, config, f"round {update}"), config)
+                where = f"round {update}"
+                # The policy wrote these answers itself, but an unconstrained answer cut by max_new_tokens may
+                # not come back in the tokenizer's spelling: such a pair is left out, not fatal mid-run.
+                rows = check_pairs(pairs, config, where)
+                data = pair_data(policy, reference, rows, config, where, skip_unwritable=True)
                 totals: dict[str, float] = {}
                 steps = 0
                 for _epoch in range(config.round_epochs):

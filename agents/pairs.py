@@ -271,7 +271,8 @@ def step_pairs(
         for given in answers.values():
             values = [_score(row, label, "step") for row in given]
             finite = [value for value in values if not math.isnan(value)]
-            counts.add("nan", len(values) - len(finite))
+            if len(finite) < len(values):
+                counts.add("nan", len(values) - len(finite))
             scored.append((float(np.mean(finite)) if finite else math.nan, given[0]))
         for (one_score, one), (other_score, other) in itertools.combinations(scored, 2):
             order = _better(one_score, other_score, min_margin)
@@ -302,7 +303,10 @@ def expert_pairs(rows: list[dict], min_margin: float = 0.0, counts: PairCounts |
         raise ValueError('No expert steps (source "expert") in the stores; collect some with `vlmrl collect --expert`.')
     pairs, seen = [], set()
     for row in rows:
-        if row["source"] == "expert" or row["state"] not in expert:
+        if row["source"] == "expert":
+            continue
+        if row["state"] not in expert:
+            counts.add("no_expert_state")
             continue
         good = expert[row["state"]]
         if good["answer"] == row["answer"]:
@@ -357,7 +361,8 @@ def build_pairs(
         hint = {
             "trajectory": "it needs several episodes per seed with different returns (collect the same seeds again)",
             "step": "it needs different answers at the same state (several episodes per seed, sampled answers)",
-            "expert": "it needs policy steps at states the expert also saw (collect both with the same seeds)",
+            "expert": "it needs policy steps at states the expert also saw (collect both with the same seeds, env "
+            "options and --prompt-style)",
         }[mode]
         raise ValueError(f"No preference pair found in {len(rows)} steps ({dict(counts)}): for mode {mode}, {hint}.")
     images = dataset.select([pair.pop("row") for pair in pairs]).select_columns(["image"])

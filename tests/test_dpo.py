@@ -471,3 +471,20 @@ def test_iterated_dpo_plays_pairs_and_trains_once_per_round_and_resumes_exactly(
     untimed = [[{k: v for k, v in r.items() if k != "charts/round_seconds"} for r in rs]
                for rs in (rows, read_metrics(resumed / "metrics.jsonl"))]  # fmt: skip
     assert untimed[0] == untimed[1]
+
+
+def test_answers_the_policy_cannot_write_stop_the_run_or_are_skipped_when_asked(tmp_path, colour_pairs):
+    """An invalid answer (a policy's, stored as it wrote it) can never come out of constrained decoding."""
+    pairs = edited_pairs(
+        colour_pairs, tmp_path / "p", lambda row: {"rejected": [{"role": "assistant", "content": "purple"}]}
+    )
+    with pytest.raises(ConfigError, match="cannot write .*--skip-unwritable"):
+        train(dpo_config(tmp_path / "a", pairs))
+    with pytest.raises(ConfigError, match="none of the 6 pairs"):
+        train(dpo_config(tmp_path / "b", pairs, skip_unwritable=True))
+    mixed = tmp_path / "mixed"
+    import datasets
+
+    datasets.concatenate_datasets([load_pairs(pairs), load_pairs(colour_pairs)]).save_to_disk(str(mixed))
+    with pytest.warns(UserWarning, match="left out 6 of 12 pairs"):
+        train(dpo_config(tmp_path / "c", mixed, skip_unwritable=True))
