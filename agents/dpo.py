@@ -24,7 +24,8 @@ the reference, the loss of one micro-batch, and ``train``.
   (``agents.pairs``, mode ``round_pair_mode``), then ``round_epochs`` passes of DPO over the round's pairs.
   The round's store is kept in ``<run dir>/rounds/round-NNNN``.
 
-    vlmrl collect colour... ; vlmrl pairs data/policy --mode step --out data/pairs
+    vlmrl collect gridworld --model runs/<sft run> --episodes 100 --out data/policy   # twice: same seeds
+    vlmrl pairs data/policy --mode step --out data/pairs
     vlmrl train gridworld --algo dpo --pairs data/pairs --model runs/<sft run>
     vlmrl train gridworld --algo dpo --rounds 10 --episodes-per-round 32 --model runs/<sft run>
 """
