@@ -223,8 +223,12 @@ def check_pairs(pairs, config: DPOConfig, where: str) -> list[dict[str, Any]]:
             )
     result = []
     for index, (row, images) in enumerate(zip(columns, pairs.select_columns(["images"]))):
-        if not images["images"]:
-            raise ConfigError(f"{where}: pair {index} has no image; vlmrl's policies answer an image and a text.")
+        if len(images["images"] or []) != 1:
+            count = len(images["images"] or [])
+            raise ConfigError(
+                f"{where}: pair {index} has {'no' if count == 0 else count} images; vlmrl's policies answer one "
+                "image and a text."
+            )
         result.append(
             {
                 "observation": {"image": np.asarray(images["images"][0].convert("RGB")), "text": row["step_text"]},

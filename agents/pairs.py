@@ -112,13 +112,13 @@ def _rows(dataset: datasets.Dataset) -> list[dict[str, Any]]:
     check_store(dataset, required_columns=(*_READ, "image"))
     table = dataset.select_columns(list(_READ)).with_format("arrow")[:]
     columns = {name: table[name].to_pylist() for name in _READ}
-    images = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    # The images' PNG bytes in one Arrow read (indexing the dataset row by row is far slower).
+    encoded = dataset.select_columns(["image"]).with_format("arrow")[:]["image"].combine_chunks().field("bytes")
     rows = []
     for index in range(len(dataset)):
         row = {name: columns[name][index] for name in _READ}
         row["row"] = index
-        encoded = images[index]["image"]
-        pixels = np.asarray(_decode(encoded))
+        pixels = np.asarray(_decode(encoded[index].as_py()))
         digest = hashlib.sha1(np.ascontiguousarray(pixels).tobytes())
         digest.update(str(pixels.shape).encode())
         for part in (row["step_text"], row["env_id"], _canonical(row["env_options"]), row["prompt_style"]):
@@ -128,12 +128,12 @@ def _rows(dataset: datasets.Dataset) -> list[dict[str, Any]]:
     return rows
 
 
-def _decode(encoded: dict[str, Any]):
+def _decode(png: bytes):
     import io
 
     from PIL import Image
 
-    return Image.open(io.BytesIO(encoded["bytes"])).convert("RGB")
+    return Image.open(io.BytesIO(png)).convert("RGB")
 
 
 def _canonical(options: str) -> str:

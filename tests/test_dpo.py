@@ -398,7 +398,8 @@ def edited_pairs(source: Path, target: Path, edit) -> Path:
         (None, dict(beta=0.0), "beta must be > 0"),
         (None, dict(held_out_fraction=1.0), "held_out_fraction"),
         (lambda row: {"rejected": row["chosen"]}, {}, "same chosen and rejected answer"),
-        (lambda row: {"images": []}, {}, "has no image"),
+        (lambda row: {"images": []}, {}, "has no images"),
+        (lambda row: {"images": row["images"] * 2}, {}, "has 2 images"),
         (
             lambda row: {"prompt": [{"role": "user", "content": "Old template: " + row["prompt"][0]["content"]}]},
             {},
