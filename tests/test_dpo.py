@@ -432,6 +432,7 @@ def test_pairs_and_dpo_command_lines(tmp_path, colour_pairs, cli_fails):
     cli_fails(["pairs", str(store), "--out", str(tmp_path / "x")], "No preference pair found .*ties")
     cli_fails(["pairs", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], "No trajectory store")
     cli_fails(["pairs", str(store), "--mode", "expert", "--out", str(tmp_path / "x")], "No expert steps")
+    cli_fails(["collect", "gridworld", "--expert", "--branch", "2", "--out", str(tmp_path / "c")], "--branch replays")
     cli_fails(["train", "gridworld", "--algo", "dpo", "--run-dir", str(tmp_path / "r")], "needs preference pairs")
     cli_fails(["train", "gridworld", "--algo", "dpo", "--pairs", str(colour_pairs), "--run-dir", str(tmp_path / "r")],
               "is of vlmrl/Colour-v0")  # fmt: skip
@@ -489,3 +490,23 @@ def test_answers_the_policy_cannot_write_stop_the_run_or_are_skipped_when_asked(
     datasets.concatenate_datasets([load_pairs(pairs), load_pairs(colour_pairs)]).save_to_disk(str(mixed))
     with pytest.warns(UserWarning, match="left out 6 of 12 pairs"):
         train(dpo_config(tmp_path / "c", mixed, skip_unwritable=True))
+
+
+def test_branches_replay_the_main_episode_then_answer_anew(tmp_path):
+    from agents.trajectories import collect_branches, episodes
+
+    torch.manual_seed(0)
+    policy = load_policy("tiny", prompt_style="action", constrained=True, temperature=1.0)
+    summary = collect_branches(policy, GRID, tmp_path / "b", episodes=1, branch=2, branch_steps=2, seed=3)
+    stored = episodes(load_trajectories(tmp_path / "b"))
+    main, branches = stored[0], stored[1:]
+    assert summary["episodes"] == len(stored) == 1 + 2 * min(2, len(main))
+    assert all(set(e["seed"]) == {3} for e in stored)
+    for number, branch in enumerate(branches):
+        step = number // 2  # two branches from step 0, then two from step 1
+        assert branch["answer"][:step] == main["answer"][:step]
+        assert np.array_equal(np.asarray(branch[step]["image"]), np.asarray(main[step]["image"]))
+    pairs, counts = build_pairs([tmp_path / "b"], mode="step")
+    assert len(pairs) > 0 and set(pairs["mode"]) == {"step"}, counts
+    with pytest.raises(ValueError, match="must both be >= 1"):
+        collect_branches(policy, GRID, tmp_path / "c", episodes=1, branch=0)
