@@ -510,3 +510,13 @@ def test_branches_replay_the_main_episode_then_answer_anew(tmp_path):
     assert len(pairs) > 0 and set(pairs["mode"]) == {"step"}, counts
     with pytest.raises(ValueError, match="must both be >= 1"):
         collect_branches(policy, GRID, tmp_path / "c", episodes=1, branch=0)
+
+
+def test_dpo_learns_the_colour_task_from_expert_pairs(tmp_path, colour_pairs):
+    torch.manual_seed(0)
+    run_dir = train(
+        dpo_config(tmp_path, colour_pairs, epochs=3, held_out_fraction=0.0, checkpoint_every=0, eval_episodes=12)
+    )
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[-2]["rewards/accuracies"] == 1.0 and rows[-2]["rewards/margins"] > rows[0]["rewards/margins"]
+    assert rows[-1]["eval/success_rate"] >= 0.9, rows[-1]
