@@ -7,6 +7,7 @@ vlmrl demo [--episodes N]                        every environment played by its
 vlmrl baseline [--experiment gridworld]          SB3 PPO with a CNN on the same environment
 vlmrl plot RUN_DIR... [--out PNG]                learning curves of several runs, with a table
 vlmrl collect gridworld --expert --episodes N --out DIR   expert episodes into a trajectory store
+vlmrl collect gridworld --model RUN [--branch K] --out DIR  a policy's episodes (K branches per step)
 vlmrl pairs STORE [STORE...] --mode trajectory|step|expert --out DIR   preference pairs (TRL's DPO format)
 
 A problem with the input (a bad option, a run directory in use, a missing checkpoint) ends the command
