@@ -131,3 +131,53 @@ def discounted_returns_to_go(rewards: np.ndarray, gamma: float) -> np.ndarray:
         following = rewards[t] + gamma * following
         result[t] = following
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preference losses (DPO and its variants)
+# ----------------------------------------------------------------------------------------------------------
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(
+    chosen_logprob: torch.Tensor,
+    rejected_logprob: torch.Tensor,
+    reference_chosen_logprob: torch.Tensor,
+    reference_rejected_logprob: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference loss on answer log-probs; returns ``(loss, chosen_reward, rejected_reward)``.
+
+    The implicit rewards are ``beta * (log pi - log pi_ref)`` of each answer and ``h`` is the log-ratio
+    difference ``(log pi_c - log pi_ref_c) - (log pi_r - log pi_ref_r)``:
+
+    * ``sigmoid``: DPO, ``-log sigmoid(beta * h)`` (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, eq. 7);
+    * ``ipo``: IPO, ``(h - 1 / (2 beta))**2`` (Azar et al. 2023, https://arxiv.org/abs/2310.12036, eq. 17):
+      a squared loss that stops pushing once the margin reaches ``1 / (2 beta)``, where DPO never stops;
+    * ``hinge``: SLiC's ``max(0, 1 - beta * h)`` (Zhao et al. 2023, https://arxiv.org/abs/2305.10425), as
+      TRL's ``hinge``.
+
+    >>> zero = torch.zeros(1)
+    >>> round(float(dpo_loss(zero, zero, zero, zero, 0.1)[0]), 4)  # policy = reference: log 2
+    0.6931
+    >>> float(dpo_loss(torch.tensor([1.0]), zero, zero, zero, 0.5, "ipo")[0])  # (1 - 1)^2
+    0.0
+    >>> float(dpo_loss(torch.tensor([1.0]), zero, zero, zero, 0.5, "hinge")[0])  # 1 - 0.5
+    0.5
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"Unknown DPO loss type {loss_type!r}; use one of {DPO_LOSS_TYPES}.")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}.")
+    chosen_ratio = chosen_logprob - reference_chosen_logprob
+    rejected_ratio = rejected_logprob - reference_rejected_logprob
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        loss = -torch.nn.functional.logsigmoid(beta * h)
+    elif loss_type == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        loss = torch.relu(1 - beta * h)
+    return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

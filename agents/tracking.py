@@ -34,6 +34,19 @@ METRICS = {
     "losses/explained_variance": "1 - Var(returns - values) / Var(returns)",
     "losses/kl_ref": "KL estimate to the reference (base) policy",
     "losses/skipped_steps": "optimizer steps skipped for a non-finite loss or gradient",
+    "losses/loss": "DPO: the minimised loss (preference loss + rpo_alpha * chosen NLL)",
+    "losses/preference_loss": "DPO: the sigmoid (DPO), IPO or hinge loss of the pairs",
+    "losses/chosen_nll": "DPO: per-token NLL of the chosen answers (RPO's term)",
+    "rewards/chosen": "DPO: implicit reward beta * (log pi - log pi_ref) of the chosen answers",
+    "rewards/rejected": "DPO: implicit reward of the rejected answers",
+    "rewards/margins": "DPO: chosen minus rejected implicit reward",
+    "rewards/accuracies": "DPO: fraction of pairs whose chosen answer has the higher implicit reward",
+    "logps/chosen": "DPO: log-prob of the chosen answers at temperature 1",
+    "logps/rejected": "DPO: log-prob of the rejected answers at temperature 1",
+    "dpo/heldout_accuracy": "DPO: rewards/accuracies on the held-out pairs",
+    "dpo/heldout_margin": "DPO: rewards/margins on the held-out pairs",
+    "dpo/heldout_loss": "DPO: preference loss on the held-out pairs",
+    "dpo/pairs": "iterated DPO: pairs made from the round's episodes",
 }
 __doc__ = (__doc__ or "") + "\n".join(f"\n* ``{name}``: {meaning}" for name, meaning in METRICS.items())
 

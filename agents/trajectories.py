@@ -727,6 +727,7 @@ __all__ = [
     "StepRecord",
     "TrajectoryWriter",
     "check_store",
+    "collect_branches",
     "collect_expert",
     "episode_rows",
     "episodes",
@@ -918,3 +919,138 @@ def collect_policy(
         "mean_return": float(np.mean(recorder.returns)),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Branching from a policy's own episodes (step-level pairs)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _play_to_end(
+    policy, environments: list, observations: list[dict], spec, rng: np.random.Generator
+) -> list[tuple[list[StepRecord], list[int]]]:
+    """Play each env from its observation to the end of its episode with one batched ``act`` per step;
+    return, per env, its :class:`StepRecord` list and the env actions taken."""
+    from agents.rollout import env_actions
+    from envs.language import extract_thoughts
+
+    records: list[list[StepRecord]] = [[] for _ in environments]
+    taken: list[list[int]] = [[] for _ in environments]
+    active = list(range(len(environments)))
+    while active:
+        answered = policy.act([observations[i] for i in active], spec)
+        actions, _ = env_actions(answered, "default", 0, len(spec.action_names), rng)
+        still = []
+        for index, completion, action in zip(active, answered, actions):
+            observation = observations[index]
+            next_observation, reward, terminated, truncated, info = environments[index].step(int(action))
+            valid = completion.action is not None
+            records[index].append(
+                StepRecord(
+                    image=np.array(observation["image"], copy=True),
+                    step_text=str(observation["text"]),
+                    answer=completion.text,
+                    action=int(completion.action) if valid else -1,
+                    reward=float(reward),
+                    terminated=bool(terminated),
+                    truncated=bool(truncated),
+                    thoughts=extract_thoughts(completion.text) if policy.config.prompt_style == "cot" else None,
+                    action_name=spec.action_names[completion.action] if valid else None,
+                    invalid_reason=None if valid else completion.reason,
+                    logprob=float(completion.logprob),
+                    success=bool(info.get("success", False)),
+                )
+            )
+            taken[index].append(int(action))
+            observations[index] = next_observation
+            if not (terminated or truncated):
+                still.append(index)
+        active = still
+    return [(steps, actions) for steps, actions in zip(records, taken)]
+
+
+def collect_branches(
+    model: str | Any,
+    env_id: str,
+    path: str | os.PathLike,
+    *,
+    episodes: int,
+    branch: int,
+    branch_steps: int | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> dict[str, Any]:
+    """Per seed, one sampled episode of the policy and, from each of its first ``branch_steps`` steps
+    (all by default), ``branch`` more episodes that repeat its steps up to there and answer that step anew
+    (sampled), each played to its end: Monte Carlo rollouts from the same state, as IPR
+    (https://arxiv.org/abs/2406.11176) and Agent Q estimate step values for step-level pairs.
+
+    Every episode is stored whole with the seed's number (a branch's first steps are the main episode's),
+    so ``vlmrl pairs --mode step`` compares the answers at each branching state by return-to-go and
+    ``--mode trajectory`` finds each branch's divergence from its main episode. The env must be
+    deterministic for a seed: a branch reaches its state by a reset with the seed and the main episode's
+    env actions, and a ``ValueError`` names the step where it does not. Costs about
+    ``branch * length**2 / 2`` env steps per seed.
+
+    ``model``: a run directory, a policy directory, a preset, or a loaded policy. Invalid answers move the
+    env with action 0 (as ``collect_policy``'s default rule). Returns a summary dict.
+    """
+    import gymnasium as gym
+
+    from agents.policy import load_policy, resolve_policy_directory
+    from envs import get_language
+
+    if episodes < 1 or branch < 1:
+        raise ValueError(f"episodes={episodes} and branch={branch} must both be >= 1.")
+    if branch_steps is not None and branch_steps < 1:
+        raise ValueError(f"branch_steps={branch_steps}: branch from at least the first step (or pass None: all).")
+    if isinstance(model, str):
+        source = resolve_policy_directory(model)
+        policy = load_policy(source, device=device)
+    else:
+        policy, source = model, str(getattr(getattr(model, "config", None), "model", "policy"))
+    spec = get_language(env_id)
+    env_kwargs = dict(env_kwargs or {})
+    environments = [gym.make(env_id, **env_kwargs) for _ in range(branch)]
+    main_env = gym.make(env_id, **env_kwargs)
+    rng = np.random.default_rng(seed)
+    start, stored, total_steps = time.perf_counter(), 0, 0
+    try:
+        with TrajectoryWriter(path, shard_size=shard_size) as writer:
+
+            def store(steps: list[StepRecord], episode_seed: int) -> None:
+                writer.add_episode(
+                    steps, env_id=env_id, seed=episode_seed, prompt_style=policy.config.prompt_style,
+                    source=source, env_options=env_kwargs,
+                )  # fmt: skip
+
+            for episode_seed in range(seed, seed + episodes):
+                observation, _ = main_env.reset(seed=episode_seed)
+                [(main, main_actions)] = _play_to_end(policy, [main_env], [observation], spec, rng)
+                store(main, episode_seed)
+                stored, total_steps = stored + 1, total_steps + len(main)
+                for step in range(min(len(main), branch_steps or len(main))):
+                    observations = []
+                    for environment in environments:
+                        observation, _ = environment.reset(seed=episode_seed)
+                        for action in main_actions[:step]:
+                            observation, *_ = environment.step(action)
+                        if not (np.array_equal(observation["image"], main[step].image)
+                                and observation["text"] == main[step].step_text):  # fmt: skip
+                            raise ValueError(
+                                f"{env_id} does not come back to step {step} of seed {episode_seed}'s episode when "
+                                "reset with the seed and replayed: branching needs an env that is deterministic "
+                                "for a seed."
+                            )
+                        observations.append(observation)
+                    for steps, _ in _play_to_end(policy, environments, observations, spec, rng):
+                        store(main[:step] + steps, episode_seed)
+                        stored, total_steps = stored + 1, total_steps + len(steps)
+    finally:
+        for environment in [main_env, *environments]:
+            environment.close()
+    seconds = time.perf_counter() - start
+    return {"path": str(path), "source": source, "seeds": episodes, "episodes": stored, "new_steps": total_steps,
+            "seconds": round(seconds, 3)}  # fmt: skip

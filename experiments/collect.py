@@ -3,6 +3,7 @@
     vlmrl collect gridworld --expert --episodes 300 --out data/gridworld-expert
     vlmrl collect blackjack --expert --episodes 1000 --out data/blackjack-expert --prompt-style action
     vlmrl collect blackjack --model runs/<run> --episodes 200 --out data/blackjack-policy
+    vlmrl collect gridworld --model runs/<run> --episodes 20 --branch 2 --out data/gridworld-branches
 
 The environment and its options are those of the named experiment (``vlmrl train <experiment>``), so the
 store matches what that experiment trains on. Running the command again with the same ``--out`` appends.
@@ -36,6 +37,12 @@ class CollectConfig:
     """With ``--model``: envs answered together by one batched ``act``."""
     device: str = "auto"
     """With ``--model``: where the policy runs."""
+    branch: int = 0
+    """With ``--model``: from each step of every episode, this many more episodes that repeat its steps up to
+    there and answer that step anew (Monte Carlo rollouts for ``vlmrl pairs --mode step``); about
+    ``branch * length**2 / 2`` env steps per episode. 0: plain episodes."""
+    branch_steps: int | None = None
+    """With ``--branch``: branch from the first this many steps of each episode only (default: all)."""
     episodes: int = 100
     """Episodes to play, with seeds seed .. seed + episodes - 1."""
     seed: int = 0
@@ -48,7 +55,7 @@ class CollectConfig:
 
 def main(config: CollectConfig) -> dict:
     """Collect as ``config`` says, print the summary as JSON and return it."""
-    from agents.trajectories import collect_expert, collect_policy
+    from agents.trajectories import collect_branches, collect_expert, collect_policy
     from experiments.cli import EXPERIMENTS, experiment_config
 
     if config.experiment not in EXPERIMENTS:
@@ -59,7 +66,24 @@ def main(config: CollectConfig) -> dict:
             "play a policy (one of the two)."
         )
     experiment = experiment_config(config.experiment)
-    if config.model is not None:
+    if config.branch and config.model is None:
+        raise ValueError("--branch replays a policy's episodes: pass --model RUN_OR_DIR with it.")
+    if config.branch < 0:
+        raise ValueError(f"--branch {config.branch}: use 0 (no branches) or more.")
+    if config.branch:
+        summary = collect_branches(
+            config.model,
+            experiment.env_id,
+            config.out,
+            episodes=config.episodes,
+            branch=config.branch,
+            branch_steps=config.branch_steps,
+            env_kwargs=experiment.env_kwargs(),
+            seed=config.seed,
+            device=config.device,
+            shard_size=config.shard_size,
+        )
+    elif config.model is not None:
         summary = collect_policy(
             config.model,
             experiment.env_id,

@@ -28,6 +28,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "ppo": ("agents.ppo", "PPOConfig"),
     "sft": ("agents.sft", "SFTConfig"),
     "grpo": ("agents.grpo", "GRPOConfig"),
+    "dpo": ("agents.dpo", "DPOConfig"),
 }
 
 #: Defaults of each algorithm for the experiments: sized for the randomly initialised ``tiny`` preset on a
@@ -64,6 +65,12 @@ CPU_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_envs": 16,
         "eval_episodes": 200,
         # Chain-of-thought answers under constrained decoding, as the RL stage that follows will act.
+        "policy": PolicyConfig(model="tiny", prompt_style="cot", constrained=True, lora_rank=0, temperature=1.0),
+    },
+    "dpo": {
+        "num_envs": 16,
+        "eval_episodes": 200,
+        # As SFT, whose runs DPO usually starts from (--model runs/<sft run>): the reference is that start.
         "policy": PolicyConfig(model="tiny", prompt_style="cot", constrained=True, lora_rank=0, temperature=1.0),
     },
 }
