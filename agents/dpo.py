@@ -468,7 +468,7 @@ def train(config: DPOConfig, defaults: DPOConfig | None = None) -> Path:
 
 def collect_round(run: Run, policy: VLMPolicy, config: DPOConfig, update: int) -> tuple[Path, dict[str, list]]:
     """Play one round's episodes with the current policy into ``<run dir>/rounds/round-NNNN``; return the
-    store and the episodes' returns and successes."""
+    store, the episodes' returns and successes, and the env steps the round took (``steps``)."""
     from agents.rollout import EnvRunner
     from agents.trajectories import EpisodeRecorder, TrajectoryWriter
 
@@ -508,7 +508,7 @@ def collect_round(run: Run, policy: VLMPolicy, config: DPOConfig, update: int) -
     finally:
         runner.close()
         writer.close()
-    return path, {"returns": runner.recorder.returns, "successes": runner.recorder.successes}
+    return path, {"returns": runner.recorder.returns, "successes": runner.recorder.successes, "steps": runner.steps}
 
 
 def train_iterated(config: DPOConfig, defaults: DPOConfig | None = None) -> Path:
@@ -524,9 +524,11 @@ def train_iterated(config: DPOConfig, defaults: DPOConfig | None = None) -> Path
         run.restore(optimizer=optimizer)
         trainable = [p for p in policy.parameters() if p.requires_grad]
         guarded_step = GuardedStep(optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps)
-        episodes_played = run.global_step  # the progress of iterated DPO is counted in episodes
+        # Progress is counted in env steps, as PPO's and GRPO's: what a round of collection costs, including
+        # the steps of envs still playing extra episodes while the round's last ones finish.
+        env_steps = run.global_step
 
-        for update in run.updates(config.rounds, config.episodes_per_round):
+        for update in run.updates(config.rounds, 1):  # the progress bar counts rounds
             start = time.perf_counter()
             learning_rate = set_learning_rate(optimizer, update, config.rounds, config.anneal_lr)
             store, stats = collect_round(run, policy, config, update)
@@ -561,8 +563,8 @@ def train_iterated(config: DPOConfig, defaults: DPOConfig | None = None) -> Path
                         for key, value in parts.items():
                             totals[key] = totals.get(key, 0.0) + value
                 metrics.update({key: value / max(steps, 1) for key, value in totals.items()})
-            episodes_played += config.episodes_per_round
-            run.advance(config.episodes_per_round)
+            env_steps += stats["steps"]
+            run.advance(1)
             metrics["charts/round_seconds"] = time.perf_counter() - start
             if (
                 config.eval_every
@@ -572,5 +574,5 @@ def train_iterated(config: DPOConfig, defaults: DPOConfig | None = None) -> Path
             ):
                 metrics.update(eval_metrics(run.evaluate(policy)))
             finished = [{"success": s} for s in stats["successes"]]
-            run.end_update(update, metrics, episodes_played, policy, finished=finished, optimizer=optimizer)
-        return run.finish(policy, global_step=episodes_played)
+            run.end_update(update, metrics, env_steps, policy, finished=finished, optimizer=optimizer)
+        return run.finish(policy, global_step=env_steps)
