@@ -7,6 +7,7 @@ vlmrl demo [--episodes N]                        every environment played by its
 vlmrl baseline [--experiment gridworld]          SB3 PPO with a CNN on the same environment
 vlmrl plot RUN_DIR... [--out PNG]                learning curves of several runs, with a table
 vlmrl collect gridworld --expert --episodes N --out DIR   expert episodes into a trajectory store
+vlmrl reward-model {pairs,train} ...             preference pairs from an expert; train a reward model (rewards/)
 
 A problem with the input (a bad option, a run directory in use, a missing checkpoint) ends the command
 with one line, "vlmrl: error: ...", that says what to change, and exit status 2.
@@ -107,11 +108,15 @@ def dispatch(command: str, argv: list[str]) -> None:
         from experiments.collect import main as collect
 
         collect(tyro.cli(CollectConfig, args=argv))
+    elif command == "reward-model":
+        from rewards.reward_model import main as reward_model
+
+        reward_model(argv)
     elif command in ("-h", "--help", "help"):
         print(__doc__)
     else:
         raise VlmrlError(
-            f"unknown command {command!r}; the commands are train, eval, demo, baseline, plot, collect (vlmrl --help)."
+            f"unknown command {command!r}; the commands are train, eval, demo, baseline, plot, collect, reward-model (vlmrl --help)."
         )
 
 
