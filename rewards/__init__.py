@@ -8,8 +8,8 @@ for one environment step of a batch of envs: ``observations`` is the batch the p
 env's ``{"image": (N, H, W, 3) uint8, "text": (str, ...)}``), ``completions`` the policy's answers
 (:class:`agents.policy.Completion`: ``text``, ``action``, ``valid``...), ``infos`` one dict per env: the
 info of the step, for an env whose episode ended the info of its last step, not the auto-reset one (see
-:func:`infos_per_env`). ``step`` holds ``env_rewards``, ``terminated`` and ``truncated`` (arrays of N) and
-may grow: modules take ``**step`` and ignore what they do not need, as TRL's reward functions take
+:func:`infos_per_env`). ``step`` holds ``env_rewards``, ``terminated`` and ``truncated`` (arrays of N),
+``next_observations`` (the batch the step led to, or ``None`` when the caller did not give it) and may grow: modules take ``**step`` and ignore what they do not need, as TRL's reward functions take
 ``**kwargs``.
 
 Modules are named in a registry and combined by specs ``NAME:WEIGHT[:KEY=VALUE,...]``::
@@ -255,6 +255,7 @@ class RewardSet:
         env_rewards: Sequence[float],
         terminated: Sequence[bool],
         truncated: Sequence[bool] | None = None,
+        next_observations: Any = None,
         active: Sequence[bool] | None = None,
     ) -> RewardResult:
         """Score one vector-env step.
@@ -266,6 +267,8 @@ class RewardSet:
             env_rewards: The environment's rewards of the step.
             terminated: Whether each env's episode ended in a terminal state.
             truncated: Whether each env's episode was cut (time limit); default: none.
+            next_observations: The observations the step led to, for an ended episode its last one, not the
+                reset's (see :func:`next_observations`); needed by rewards of the reached state (``clip``).
             active: Which envs stepped (group rollouts); the others get 0 in every term.
         """
         count = len(completions)
@@ -283,7 +286,10 @@ class RewardSet:
         sub_observations = _take(observations, indices, count)
         sub_completions = [completions[i] for i in indices]
         sub_infos = [infos[i] for i in indices]
-        sub_arrays = {key: value[indices] for key, value in arrays.items()}
+        sub_arrays: dict[str, Any] = {key: value[indices] for key, value in arrays.items()}
+        sub_arrays["next_observations"] = (
+            None if next_observations is None else _take(next_observations, indices, count)
+        )
         terms: dict[str, np.ndarray] = {}
         total = np.zeros(count)
         for name, weight, module in self.modules:
@@ -338,6 +344,23 @@ def infos_per_env(info: Mapping[str, Any], count: int) -> list[dict[str, Any]]:
     return rows
 
 
+def next_observations(observations: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
+    """The observations a vector step led to: ``observations`` (what ``step`` returned), with each ended
+    env's entry replaced by its episode's last observation (``info["final_obs"]``; same-step autoreset has
+    already put the next episode's first observation in ``observations``)."""
+    result = {
+        key: value.copy() if isinstance(value, np.ndarray) else list(value) for key, value in observations.items()
+    }
+    final = info.get("final_obs")
+    if final is None:
+        return result
+    mask = info.get("_final_obs", [item is not None for item in final])
+    for index in np.flatnonzero(mask):
+        for key, value in final[index].items():
+            result[key][index] = value
+    return {key: value if isinstance(value, np.ndarray) else tuple(value) for key, value in result.items()}
+
+
 def _take(observations: Any, indices: np.ndarray, count: int) -> Any:
     if len(indices) == count:
         return observations
@@ -375,6 +398,7 @@ __all__ = [
     "RewardSet",
     "RewardSpec",
     "infos_per_env",
+    "next_observations",
     "options_to",
     "parse_reward_spec",
     "register_reward",
