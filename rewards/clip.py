@@ -24,15 +24,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+import tyro
 
 TINY_CLIP = "tiny-clip"
 #: The end-of-text token the tiny CLIP pools at. CLIP reads the text embedding at the first end-of-text
 #: token, and transformers treats ``eos_token_id == 2`` (the tiny tokenizer's ``</s>``) as an old config
 #: whose pooling is an argmax over ids, so the tiny CLIP gets its own end token, as OpenAI's has.
 TINY_CLIP_END = "<|endoftext|>"
+TINY_CLIP_MAX_TOKENS = 77  # OpenAI CLIP's context length
 
 #: Default (goal prompts, baseline prompts) per environment id; a config's ``goal``/``baseline`` replace them.
 ENV_PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -107,6 +109,7 @@ def tiny_clip_tokenizer() -> Any:
         single=f"$A {TINY_CLIP_END}", special_tokens=[(TINY_CLIP_END, end_id)]
     )
     tokenizer.padding_side = "right"
+    tokenizer.model_max_length = TINY_CLIP_MAX_TOKENS  # truncation keeps the end token (added after it)
     return tokenizer
 
 
@@ -124,7 +127,7 @@ def build_tiny_clip(seed: int = 0, image_size: int = 64, embedding_size: int = 3
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=TINY_CLIP_MAX_TOKENS,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -262,3 +265,132 @@ def build_clip_reward(context: Any, options: dict[str, str]) -> ClipReward:
     from rewards import options_to
 
     return ClipReward(options_to(ClipRewardConfig, options, "clip"), context.env_id, context.device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adapting a CLIP to an environment (contrastive fine-tuning on its frames)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClipAdaptConfig:
+    """``vlmrl clip-adapt``: fine-tune a CLIP on an env's frames and the captions its expert can state.
+
+    Small CLIPs reward poorly zero-shot (VLM-RM, section 5); this teaches one the env's picture language.
+    Frames come from expert episodes; a frame's caption is the env's goal prompt when the episode has just
+    succeeded there, else the expert's description of the state (``expert_rationale()``, e.g. "The goal is
+    2 cells right and 1 cell up; ..."). The loss is CLIP's symmetric InfoNCE (Radford et al. 2021), with
+    every frame that has the same caption counted as a match (several frames share "on the goal").
+    """
+
+    env_id: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="ENV_ID")]
+    """Environment with a scripted expert (``expert_action`` and ``expert_rationale``), e.g. vlmrl/GridWorld-v0."""
+    out: str
+    """Directory to save the adapted model, tokenizer and image processor to (``clip:1:model=DIR`` then)."""
+    model: str = TINY_CLIP
+    """The CLIP to start from: ``tiny-clip``, a hub id or a directory."""
+    episodes: int = 50
+    """Expert episodes to draw frames from (seeds ``seed`` ..)."""
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Frame-caption pairs per step."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate."""
+    seed: int = 0
+    """Seed of the episodes, the batches and (``tiny-clip``) the initial weights."""
+    device: str = "cpu"
+    """Where to train."""
+
+
+def expert_captions(env_id: str, episodes: int, seed: int = 0, env_kwargs: dict | None = None) -> tuple[list, list]:
+    """Frames of expert episodes and their captions (see :class:`ClipAdaptConfig`)."""
+    import gymnasium as gym
+
+    import envs  # noqa: F401 - registers the environments
+
+    env = gym.make(env_id, **(env_kwargs or {}))
+    expert = env.unwrapped
+    if not (hasattr(expert, "expert_action") and hasattr(expert, "expert_rationale")):
+        raise ValueError(f"{env_id} has no scripted expert with a rationale; it cannot caption its own frames.")
+    goal_caption = ENV_PROMPTS.get(env_id, (("the task is done",), ()))[0][0]
+    frames, captions = [], []
+    for episode in range(episodes):
+        observation, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            frames.append(observation["image"])
+            captions.append(expert.expert_rationale())
+            observation, _, terminated, truncated, info = env.step(expert.expert_action())
+            done = terminated or truncated
+        if terminated and info.get("success", False):
+            frames.append(observation["image"])
+            captions.append(goal_caption)
+    env.close()
+    return frames, captions
+
+
+def contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: torch.Tensor,
+                     same_caption: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Symmetric InfoNCE over a batch; ``same_caption[i, j]`` marks pairs that match (shared target mass).
+
+    >>> e = torch.eye(2); round(contrastive_loss(e, e, torch.tensor(0.0), torch.eye(2, dtype=torch.bool)).item(), 4)
+    0.3133
+    """
+    logits = logit_scale.exp() * unit(image_embeddings) @ unit(text_embeddings).T
+    targets = same_caption.float() / same_caption.float().sum(dim=1, keepdim=True)
+    image_to_text = -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    text_to_image = -(targets.T * torch.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+def adapt_clip(config: ClipAdaptConfig, log: Any = print) -> dict[str, float]:
+    """Fine-tune as ``config`` says, save to ``config.out``, and return the first and last batch loss."""
+    from agents.policy import to_pil
+
+    frames, captions = expert_captions(config.env_id, config.episodes, config.seed)
+    if len(set(captions)) < 2:
+        raise ValueError(f"{config.env_id}: the expert's frames have one caption only; contrast needs at least two.")
+    device = torch.device(config.device)
+    model, tokenizer, image_processor = load_clip(config.model, config.seed)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    generator = torch.Generator().manual_seed(config.seed)
+    metrics: dict[str, float] = {"frames": len(frames), "captions": len(set(captions))}
+    for step in range(config.steps):
+        batch = torch.randperm(len(frames), generator=generator)[: config.batch_size].tolist()
+        texts = [captions[i] for i in batch]
+        pixels = image_processor(images=[to_pil(frames[i]) for i in batch], return_tensors="pt")["pixel_values"]
+        padding = "max_length" if "siglip" in model.config.model_type else True
+        tokens = tokenizer(texts, padding=padding, truncation=True, return_tensors="pt").to(device)
+        tokens.pop("token_type_ids", None)
+        same = torch.tensor([[a == b for b in texts] for a in texts], device=device)
+        loss = contrastive_loss(
+            _features(model.get_image_features(pixel_values=pixels.to(device))),
+            _features(model.get_text_features(**tokens)),
+            model.logit_scale,
+            same,
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        metrics.setdefault("first_loss", loss.item())
+        metrics["last_loss"] = loss.item()
+        if step % 50 == 0:
+            log(f"clip-adapt step {step}: loss {loss.item():.4f}")
+    model.eval().save_pretrained(config.out)
+    tokenizer.save_pretrained(config.out)
+    image_processor.save_pretrained(config.out)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    import json
+
+    import tyro
+
+    print(json.dumps(adapt_clip(tyro.cli(ClipAdaptConfig, args=argv)), indent=2))
+
+
+if __name__ == "__main__":
+    main()

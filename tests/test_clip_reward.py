@@ -101,3 +101,31 @@ def test_clip_in_a_reward_set_scores_the_reached_frame():
     with pytest.raises(ValueError, match=r"pass next_observations="):
         rewards(observations, completions, info, env_rewards=env_rewards, terminated=terminated)
     vector_env.close()
+
+
+def test_clip_adapt_lowers_the_contrastive_loss_and_the_result_serves_as_reward(tmp_path):
+    from agents.policy import to_pil
+    from experiments.cli import main
+    from rewards.clip import _features, build_tiny_clip, contrastive_loss, expert_captions, load_clip
+
+    main(["clip-adapt", GRID, "--out", str(tmp_path / "clip"), "--episodes", "4", "--steps", "12",
+          "--batch-size", "16", "--learning-rate", "1e-3"])  # fmt: skip
+    frames, captions = expert_captions(GRID, 4)
+
+    def loss_of(model, tokenizer, image_processor) -> float:
+        with torch.no_grad():
+            pixels = image_processor(images=[to_pil(f) for f in frames], return_tensors="pt")["pixel_values"]
+            tokens = tokenizer(captions, padding=True, return_tensors="pt")
+            same = torch.tensor([[a == b for b in captions] for a in captions])
+            return contrastive_loss(
+                _features(model.get_image_features(pixel_values=pixels)),
+                _features(
+                    model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+                ),
+                model.logit_scale,
+                same,
+            ).item()
+
+    assert loss_of(*load_clip(str(tmp_path / "clip"))) < loss_of(*build_tiny_clip(0))
+    reward = ClipReward(ClipRewardConfig(model=str(tmp_path / "clip"), frame="current"), GRID)
+    assert reward.scores(frames[:2]).shape == (2,)
