@@ -9,6 +9,7 @@ vlmrl plot RUN_DIR... [--out PNG]                learning curves of several runs
 vlmrl collect gridworld --expert --episodes N --out DIR   expert episodes into a trajectory store
 vlmrl reward-model {pairs,train} ...             preference pairs from an expert; train a reward model (rewards/)
 vlmrl clip-adapt ENV_ID --out DIR                fine-tune a CLIP on an env's expert frames and captions
+vlmrl label PAIRS [--port N]                     label preference pairs by hand on a local web page
 
 A problem with the input (a bad option, a run directory in use, a missing checkpoint) ends the command
 with one line, "vlmrl: error: ...", that says what to change, and exit status 2.
@@ -117,11 +118,15 @@ def dispatch(command: str, argv: list[str]) -> None:
         from rewards.clip import main as clip_adapt
 
         clip_adapt(argv)
+    elif command == "label":
+        from rewards.labelling import main as label
+
+        label(argv)
     elif command in ("-h", "--help", "help"):
         print(__doc__)
     else:
         raise VlmrlError(
-            f"unknown command {command!r}; the commands are train, eval, demo, baseline, plot, collect, reward-model, clip-adapt (vlmrl --help)."
+            f"unknown command {command!r}; the commands are train, eval, demo, baseline, plot, collect, reward-model, clip-adapt, label (vlmrl --help)."
         )
 
 

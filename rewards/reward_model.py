@@ -347,6 +347,9 @@ class RewardTrainConfig:
     """Preference pairs: a ``save_to_disk`` directory, a .parquet or a .jsonl file (images, prompt, chosen, rejected)."""
     out: str
     """Directory to save the reward model to (created; an existing reward model there is replaced)."""
+    labels: str | None = None
+    """Human labels of these pairs (the JSON-lines file of ``vlmrl label``): train on the pairs labelled A or B,
+    oriented as the labeller chose, instead of the pairs' own chosen/rejected."""
     model: RewardModelConfig = field(default_factory=RewardModelConfig)
     """Backbone and head."""
     epochs: int = 1
@@ -408,6 +411,14 @@ def train_reward_model(config: RewardTrainConfig, pairs: Any = None, log: Any = 
     """Train as ``config`` says (on ``pairs`` when given, else ``config.pairs``), save, and return the metrics:
     first and last training batch loss, held-out loss and accuracy (when pairs are held out)."""
     pairs = check_pairs(pairs, "the pair set") if pairs is not None else load_pairs(config.pairs)
+    if config.labels is not None:
+        from rewards.labelling import LabelStore, labelled_pairs
+
+        if not Path(config.labels).exists():
+            raise ValueError(f"No labels file at {config.labels}; label the pairs with `vlmrl label {config.pairs}`.")
+        pairs = check_pairs(
+            labelled_pairs(pairs, LabelStore(config.labels).read()), f"the pairs labelled in {config.labels}"
+        )
     held_out = 0 if len(pairs) < 2 else max(1, round(config.eval_fraction * len(pairs))) if config.eval_fraction else 0
     split = pairs.shuffle(seed=config.seed)
     evaluation, training = split.select(range(held_out)), split.select(range(held_out, len(split)))
