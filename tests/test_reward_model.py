@@ -118,3 +118,17 @@ def test_reward_model_as_a_reward_module(pairs, tmp_path):
     np.testing.assert_allclose(result.total, 2 * direct.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"rm: say which reward model"):
         RewardSet.from_specs(["rm:1"], RewardContext(env_id=GRID))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2vl", "tiny-smolvlm"])
+def test_scores_do_not_depend_on_padding(preset):
+    """The head reads the last answer token whatever the batch pads: a batch scores as its rows one by one."""
+    cot_pairs = expert_pairs(GRID, 3, env_kwargs=GRID_OPTIONS, prompt_style="cot")
+    model = RewardModel.create(RewardModelConfig(model=preset, lora_rank=4, device="cpu"))
+    batch = cot_pairs[:3]
+    answers = ["up", batch["chosen"][1], "a much longer answer that pads the others " * 2]
+    with torch.no_grad():
+        together = model.score(batch["images"], batch["prompt"], answers)
+        alone = torch.cat([model.score([i], [p], [a]) for i, p, a in zip(batch["images"], batch["prompt"], answers)])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+    assert len(set(together.tolist())) == 3
