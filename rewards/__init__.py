@@ -80,6 +80,11 @@ class RewardResult:
     terms: dict[str, np.ndarray]
     weights: dict[str, float]
 
+    def parts(self, index: int) -> dict[str, float]:
+        """Env ``index``'s weighted terms ``{name: weight * term}``, summing to its total (the trajectory
+        store's ``reward_parts``)."""
+        return {name: self.weights[name] * float(values[index]) for name, values in self.terms.items()}
+
     def metrics(self, active: np.ndarray | None = None) -> dict[str, float]:
         """Mean of each term over the (active) envs as ``rewards/<name>``, and ``rewards/total``."""
         mask = slice(None) if active is None else np.asarray(active, dtype=bool)
@@ -272,13 +277,13 @@ class RewardSet:
             active: Which envs stepped (group rollouts); the others get 0 in every term.
         """
         count = len(completions)
-        if isinstance(infos, Mapping):
-            infos = infos_per_env(infos, count)
         arrays = {
             "env_rewards": np.asarray(env_rewards, dtype=np.float64),
             "terminated": np.asarray(terminated, dtype=bool),
             "truncated": np.zeros(count, dtype=bool) if truncated is None else np.asarray(truncated, dtype=bool),
         }
+        if isinstance(infos, Mapping):
+            infos = infos_per_env(infos, count, ended=arrays["terminated"] | arrays["truncated"])
         for key, value in [("infos", infos), *arrays.items()]:
             if len(value) != count:
                 raise ValueError(f"RewardSet: {len(value)} {key} for {count} completions; give one per env.")
@@ -311,12 +316,13 @@ class RewardSet:
         return RewardResult(total=total, terms=terms, weights=self.weights)
 
 
-def infos_per_env(info: Mapping[str, Any], count: int) -> list[dict[str, Any]]:
+def infos_per_env(info: Mapping[str, Any], count: int, ended: Sequence[bool] | None = None) -> list[dict[str, Any]]:
     """One info dict per env from a Gymnasium vector env's info (``key`` arrays with ``_key`` masks).
 
     With same-step autoreset an env whose episode ended has already been reset: its entries in ``info``
     belong to the new episode, and the step's own info is in ``info["final_info"]``; that is the one
-    returned for it, since a reward scores the transition that happened.
+    returned for it, since a reward scores the transition that happened. Which envs ended is
+    ``info["_final_info"]``, or ``ended`` (terminated or truncated) when given.
 
     >>> info = {"success": np.array([False, True]), "_success": np.array([True, True])}
     >>> infos_per_env(info, 2)
@@ -338,8 +344,9 @@ def infos_per_env(info: Mapping[str, Any], count: int) -> list[dict[str, Any]]:
     rows = split(info)
     if "final_info" in info:
         final = split(info["final_info"])
-        ended = info.get("_final_info", np.zeros(count, dtype=bool))
-        for index in np.flatnonzero(ended):
+        if ended is None:
+            ended = info.get("_final_info", np.zeros(count, dtype=bool))
+        for index in np.flatnonzero(np.asarray(ended, dtype=bool)):
             rows[index] = final[index]
     return rows
 

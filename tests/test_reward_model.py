@@ -132,3 +132,15 @@ def test_scores_do_not_depend_on_padding(preset):
         alone = torch.cat([model.score([i], [p], [a]) for i, p, a in zip(batch["images"], batch["prompt"], answers)])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
     assert len(set(together.tolist())) == 3
+
+
+def test_conversational_pairs_score_as_plain_text(pairs):
+    """TRL's conversational format (message lists) and plain strings are the same pair to the model."""
+    model = RewardModel.create(tiny_config())
+    row = pairs[0]
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["prompt"]}]}]
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": row["chosen"]}]}]
+    with torch.no_grad():
+        plain = model.score([row["images"]], [row["prompt"]], [row["chosen"]])
+        conversational = model.score([row["images"]], [prompt], [answer])
+    torch.testing.assert_close(plain, conversational)

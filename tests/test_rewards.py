@@ -68,6 +68,8 @@ def test_composition_gives_total_and_every_term():
     np.testing.assert_allclose(result.terms["invalid"], [0.0, 1.0, 0.0])
     np.testing.assert_allclose(result.terms["format"], [1.0, 0.0, 0.0])
     np.testing.assert_allclose(result.total, [1.5, -0.1, -0.5])
+    assert result.parts(1) == {"env": 0.0, "invalid": pytest.approx(-0.1), "format": 0.0}
+    assert sum(result.parts(0).values()) == pytest.approx(result.total[0])
     metrics = result.metrics()
     assert metrics["rewards/invalid"] == pytest.approx(1 / 3) and metrics["rewards/total"] == pytest.approx(0.3)
 
