@@ -166,6 +166,16 @@ def load_clip(name_or_path: str, seed: int = 0) -> tuple[Any, Any, Any]:
     return model.eval(), AutoTokenizer.from_pretrained(name_or_path), AutoImageProcessor.from_pretrained(name_or_path)
 
 
+def _tokenize(model: Any, tokenizer: Any, texts: list[str]) -> Any:
+    """Token ids as the model was trained on them: SigLIP on texts padded to a fixed length (64), CLIP on
+    any padding (it pools at the end token); both cut at the model's position limit."""
+    max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
+    padding = "max_length" if "siglip" in model.config.model_type else True
+    inputs = tokenizer(texts, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    return inputs
+
+
 def _features(output: Any) -> torch.Tensor:
     """Embeddings from ``get_*_features``: a tensor in older transformers, an output with ``pooler_output`` in 5.x."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
@@ -225,10 +235,7 @@ class ClipReward:
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        # SigLIP was trained on texts padded to a fixed length; CLIP pools at the end token, so any padding works.
-        padding = "max_length" if "siglip" in self.model.config.model_type else True
-        inputs = self.tokenizer(texts, padding=padding, truncation=True, return_tensors="pt").to(self.device)
-        inputs.pop("token_type_ids", None)
+        inputs = _tokenize(self.model, self.tokenizer, texts).to(self.device)
         return _features(self.model.get_text_features(**inputs)).float()
 
     @torch.no_grad()
@@ -361,9 +368,7 @@ def adapt_clip(config: ClipAdaptConfig, log: Any = print) -> dict[str, float]:
         batch = torch.randperm(len(frames), generator=generator)[: config.batch_size].tolist()
         texts = [captions[i] for i in batch]
         pixels = image_processor(images=[to_pil(frames[i]) for i in batch], return_tensors="pt")["pixel_values"]
-        padding = "max_length" if "siglip" in model.config.model_type else True
-        tokens = tokenizer(texts, padding=padding, truncation=True, return_tensors="pt").to(device)
-        tokens.pop("token_type_ids", None)
+        tokens = _tokenize(model, tokenizer, texts).to(device)
         same = torch.tensor([[a == b for b in texts] for a in texts], device=device)
         loss = contrastive_loss(
             _features(model.get_image_features(pixel_values=pixels.to(device))),

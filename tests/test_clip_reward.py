@@ -129,3 +129,22 @@ def test_clip_adapt_lowers_the_contrastive_loss_and_the_result_serves_as_reward(
     assert loss_of(*load_clip(str(tmp_path / "clip"))) < loss_of(*build_tiny_clip(0))
     reward = ClipReward(ClipRewardConfig(model=str(tmp_path / "clip"), frame="current"), GRID)
     assert reward.scores(frames[:2]).shape == (2,)
+
+
+def test_a_siglip_directory_works_too(tmp_path):
+    """Any contrastive image-text model by path: a tiny SigLIP (texts padded to a fixed length, no end token)."""
+    from transformers import SiglipConfig, SiglipModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tokenizer = tiny_clip_tokenizer()
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    text = dict(small, vocab_size=len(tokenizer), max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    config = SiglipConfig(text_config=text, vision_config=dict(small, image_size=32, patch_size=16))
+    SiglipModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    rewards = RewardSet.from_specs([f"clip:1:model={tmp_path},frame=current"], RewardContext(env_id=GRID))
+    frames = np.stack([np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8)])
+    result = rewards({"image": frames, "text": ("", "")}, [None, None], [{}, {}], env_rewards=np.zeros(2),
+                     terminated=np.zeros(2, bool))  # fmt: skip
+    assert result.total.shape == (2,) and np.all(result.total <= 1.0)
