@@ -277,10 +277,16 @@ def expert_pairs(
     """Rule-labelled preference pairs from an env's scripted expert, in TRL's format.
 
     The expert plays episodes from seeds ``seed, seed + 1, ...``; at each state it visits, ``chosen`` is
-    the answer with the expert's action and ``rejected`` the answer with another action drawn at random.
-    With ``prompt_style="cot"`` both carry the expert's rationale as thoughts, so the pair differs only in
-    the action: the preference is about the choice, not the wording. Extra columns: ``env_id``, ``seed``,
-    ``step``, ``chosen_action``, ``rejected_action``.
+    the answer with the expert's action and ``rejected`` the answer with another action drawn at random
+    from those that are worse. An env with a ``potential()`` (GridWorld, Reach) tells which are: an action
+    is worse when the state it leads to has a lower potential than the expert's next state (tried on a copy
+    of the env), and a state where no action is worse gives no pair. That matters: in GridWorld two moves
+    are often equally short, and a random "rejected" one would be as good as the expert's half the time,
+    which caps the accuracy any reward model can reach (the copies make MuJoCo envs slow here: seconds per
+    state). Without a potential, any other action is rejected.
+    With ``prompt_style="cot"`` both answers carry the expert's rationale as thoughts, so the pair differs
+    only in the action: the preference is about the choice, not the wording. Extra columns: ``env_id``,
+    ``seed``, ``step``, ``chosen_action``, ``rejected_action``.
     """
     import datasets
     import gymnasium as gym
@@ -303,11 +309,20 @@ def expert_pairs(
     }
     episode = 0
     while len(rows["prompt"]) < states:
+        if episode >= 100 + 10 * states:
+            raise ValueError(
+                f"{env_id}: {episode} expert episodes gave only {len(rows['prompt'])} states with a worse action."
+            )
         observation, _ = env.reset(seed=seed + episode)
         done, step = False, 0
         while not done and len(rows["prompt"]) < states:
             expert = int(env.unwrapped.expert_action())
-            other = int(rng.choice([a for a in range(len(spec.action_names)) if a != expert]))
+            worse = _worse_actions(env.unwrapped, expert, len(spec.action_names))
+            if not worse:
+                observation, _, terminated, truncated, _ = env.step(expert)
+                done, step = terminated or truncated, step + 1
+                continue
+            other = int(rng.choice(worse))
             thoughts = env.unwrapped.expert_rationale() if prompt_style == "cot" else None
             rows["images"].append([Image.fromarray(observation["image"])])
             rows["prompt"].append(build_prompt(spec, observation["text"], prompt_style))
@@ -332,6 +347,23 @@ def expert_pairs(
         }
     )
     return datasets.Dataset.from_dict(rows, features=features)
+
+
+def _worse_actions(env: Any, expert: int, num_actions: int) -> list[int]:
+    """Actions that lead to a lower potential than the expert's (every other action if the env has none)."""
+    import copy
+
+    others = [action for action in range(num_actions) if action != expert]
+    if not hasattr(env, "potential"):
+        return others
+
+    def potential_after(action: int) -> float:
+        twin = copy.deepcopy(env)
+        twin.step(action)
+        return twin.potential()
+
+    best = potential_after(expert)
+    return [action for action in others if potential_after(action) < best - 1e-9]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -55,6 +55,21 @@ def test_expert_pairs_prefer_the_expert_action(pairs):
         assert chosen.valid and rejected.valid and chosen.action != rejected.action
         assert spec.action_names[chosen.action] == row["chosen_action"]
         assert len(row["images"]) == 1
+    # The rejected move always lengthens the path: replay each state and compare shortest-path distances.
+    from envs.gridworld import MOVES, GridWorldEnv
+
+    env = GridWorldEnv(**GRID_OPTIONS)
+    for row in pairs:
+        env.reset(seed=row["seed"])
+        for _ in range(row["step"]):
+            env.step(env.expert_action())
+        here = -env.potential()
+        for name, expected in ((row["chosen_action"], here - 1), (row["rejected_action"], None)):
+            d_row, d_col = MOVES[spec.action_names.index(name)]
+            cell = (env.agent[0] + d_row, env.agent[1] + d_col)
+            inside = 0 <= cell[0] < env.size and 0 <= cell[1] < env.size and not env.walls[cell]
+            after = env._distances[cell] if inside else here
+            assert after == expected if expected is not None else after >= here
 
 
 def test_an_empty_or_malformed_pair_set_is_one_clear_message(tmp_path):
