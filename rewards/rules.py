@@ -1,8 +1,8 @@
 """Rule-based reward modules: ``env``, ``invalid``, ``format`` and potential-based ``shaping``.
 
 Each is registered by name in :mod:`rewards` when the package is imported; see its docstring for the
-module signature. ``invalid`` with weight ``-0.1`` is exactly GRPO's former hard-coded penalty
-(``reward - 0.1 * invalid``), ``-1.0`` PPO's.
+module signature. ``invalid`` with weight ``-0.1`` reproduces the penalty GRPO hard-codes today
+(``reward - 0.1 * invalid``), ``-1.0`` PPO's default.
 """
 
 from __future__ import annotations
