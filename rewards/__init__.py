@@ -274,7 +274,8 @@ class RewardSet:
             truncated: Whether each env's episode was cut (time limit); default: none.
             next_observations: The observations the step led to, for an ended episode its last one, not the
                 reset's (see :func:`next_observations`); needed by rewards of the reached state (``clip``).
-            active: Which envs stepped (group rollouts); the others get 0 in every term.
+            active: Which envs stepped (group rollouts); the others get 0 in every term. Default: the envs
+                whose completion is not ``None`` (as :class:`agents.rollout.RunnerStep` leaves them).
         """
         count = len(completions)
         arrays = {
@@ -287,7 +288,9 @@ class RewardSet:
         for key, value in [("infos", infos), *arrays.items()]:
             if len(value) != count:
                 raise ValueError(f"RewardSet: {len(value)} {key} for {count} completions; give one per env.")
-        indices = np.arange(count) if active is None else np.flatnonzero(np.asarray(active, dtype=bool))
+        if active is None:
+            active = [completion is not None for completion in completions]
+        indices = np.flatnonzero(np.asarray(active, dtype=bool))
         sub_observations = _take(observations, indices, count)
         sub_completions = [completions[i] for i in indices]
         sub_infos = [infos[i] for i in indices]
@@ -369,7 +372,7 @@ def next_observations(observations: Mapping[str, Any], info: Mapping[str, Any]) 
 
 
 def _take(observations: Any, indices: np.ndarray, count: int) -> Any:
-    if len(indices) == count:
+    if observations is None or len(indices) == count:
         return observations
     if isinstance(observations, Mapping):
         return {

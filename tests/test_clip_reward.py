@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -90,7 +92,7 @@ def test_clip_in_a_reward_set_scores_the_reached_frame():
     observations, _ = vector_env.reset(seed=[0, 1])
     after, env_rewards, terminated, truncated, info = vector_env.step(np.array([0, 1]))
     reached = next_observations(after, info)
-    completions = [None, None]
+    completions = [SimpleNamespace(text="up", action=0)] * 2
     result = rewards(
         observations, completions, info, env_rewards=env_rewards, terminated=terminated, truncated=truncated,
         next_observations=reached,
@@ -145,6 +147,7 @@ def test_a_siglip_directory_works_too(tmp_path):
     SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
     rewards = RewardSet.from_specs([f"clip:1:model={tmp_path},frame=current"], RewardContext(env_id=GRID))
     frames = np.stack([np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 255, np.uint8)])
-    result = rewards({"image": frames, "text": ("", "")}, [None, None], [{}, {}], env_rewards=np.zeros(2),
+    completions = [SimpleNamespace(text="up", action=0)] * 2
+    result = rewards({"image": frames, "text": ("", "")}, completions, [{}, {}], env_rewards=np.zeros(2),
                      terminated=np.zeros(2, bool))  # fmt: skip
     assert result.total.shape == (2,) and np.all(result.total <= 1.0)

@@ -102,6 +102,10 @@ def test_inactive_envs_score_zero_and_modules_see_only_active_ones():
     )
     assert seen == [2]
     np.testing.assert_allclose(result.total, [3.0, 0.0, 3.0])
+    # Without a mask, the envs without a completion are the inactive ones.
+    result = rewards(None, [None, answer("up", 0), None], [{}, {}, {}], **step_kwargs(3))
+    assert seen == [2, 1]
+    np.testing.assert_allclose(result.total, [0.0, 3.0, 0.0])
 
 
 def test_a_module_returning_the_wrong_count_is_named():
@@ -196,7 +200,7 @@ def test_potential_info_wrapper_and_missing_potential_error():
     assert env.step(0)[4] == {"previous_potential": -2.0, "potential": -1.0}
     shaping = RewardSet.from_specs(["shaping:1:gamma=1"])
     with pytest.raises(ValueError, match=r"has no 'potential'.*PotentialInfo"):
-        shaping(None, [None], [{}], **step_kwargs(1))
+        shaping(None, [answer("up", 0)], [{}], **step_kwargs(1))
 
 
 def test_vector_env_infos_give_the_ended_episode_its_own_step_info():
@@ -215,7 +219,7 @@ def test_vector_env_infos_give_the_ended_episode_its_own_step_info():
         if terminated[0]:
             assert infos[0]["previous_potential"] == -1.0 and infos[0]["success"]
             result = RewardSet.from_specs(["env:1", "shaping:1:gamma=0.9"])(
-                None, [None, None], info, env_rewards=rewards, terminated=terminated, truncated=truncated
+                None, [answer("up", 0)] * 2, info, env_rewards=rewards, terminated=terminated, truncated=truncated
             )
             assert result.terms["shaping"][0] == pytest.approx(1.0)
             break
