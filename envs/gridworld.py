@@ -102,8 +102,10 @@ class GridWorldEnv(LanguageEnv):
         step_penalty: Cost of each step that does not reach the goal (non-negative).
         text_hint: Also state the agent, goal and wall cells in the step text (an ablation: by default
             the text gives only the step count, and the positions must be read from the image).
-        distance_reward: Weight of potential-based shaping: each move earns ``distance_reward`` times the
+        distance_reward: Weight of distance shaping: each move earns ``distance_reward`` times the
             decrease of the shortest-path distance to the goal (0, the default, for the sparse reward only).
+            Potential-based only for an undiscounted return; the ``shaping`` reward module
+            (``rewards/rules.py``) applies the discount, reading :meth:`potential` from the step info.
 
     Truthful thoughts (``check_thoughts``): a thought must say where the goal is, either as an offset from
     the agent ("the goal is 2 cells right and 1 cell up"; a direction left out means no offset that way;
@@ -228,7 +230,7 @@ class GridWorldEnv(LanguageEnv):
         self.walls, self.agent, self.goal, self.steps = walls, start, goal, 0
         self._distances = distances
         self._background = self._draw_background()
-        return self._observation(), {"success": False}
+        return self._observation(), {"success": False, "potential": self.potential()}
 
     def _layout_from_options(
         self, options: dict[str, Any], walls: np.ndarray, start: tuple[int, int], goal: tuple[int, int]
@@ -265,6 +267,7 @@ class GridWorldEnv(LanguageEnv):
     def step(self, action: Any):
         action = self._check_action(action)
         distance_before = self._distances[self.agent]
+        potential_before = self.potential()
         d_row, d_col = MOVES[action]
         row, col = self.agent[0] + d_row, self.agent[1] + d_col
         if 0 <= row < self.size and 0 <= col < self.size and not self.walls[row, col]:
@@ -272,12 +275,26 @@ class GridWorldEnv(LanguageEnv):
         self.steps += 1
         success = self.agent == self.goal
         reward = 1.0 if success else -self.step_penalty
-        # Potential-based shaping with the shortest-path distance as potential (Ng, Harada & Russell 1999,
-        # https://people.eecs.berkeley.edu/~russell/papers/icml99-shaping.pdf): dense feedback for each
-        # move that leaves the optimal policy unchanged. Off by default.
+        # Distance shaping w * (d - d'): potential-based (Ng, Harada & Russell 1999) only for an undiscounted
+        # return, since it lacks the gamma on phi(s') and does not zero phi at the goal (where d' = 0 anyway).
+        # For discounted returns use the ``shaping`` reward module (rewards/rules.py), which reads the
+        # potentials below. Off by default.
         reward += self.distance_reward * float(distance_before - self._distances[self.agent])
         truncated = not success and self.steps >= self.max_steps
-        return self._observation(), reward, success, truncated, {"success": success}
+        info = {"success": success, "previous_potential": potential_before, "potential": self.potential()}
+        return self._observation(), reward, success, truncated, info
+
+    def potential(self) -> float:
+        """Minus the shortest-path distance (moves) from the agent to the goal: 0 on the goal, lower further
+        away. Each step's info carries it (``potential``, and ``previous_potential`` before the move) for
+        potential-based shaping (``rewards.rules.PotentialShaping``).
+
+        >>> env = GridWorldEnv(size=4)
+        >>> _ = env.reset(seed=0, options={"agent": (0, 0), "goal": (2, 3), "walls": []})
+        >>> env.potential()
+        -5.0
+        """
+        return -float(self._distances[self.agent])
 
     # -- expert -----------------------------------------------------------------------------------------
     def expert_action(self) -> int:

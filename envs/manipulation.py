@@ -313,7 +313,7 @@ class TabletopEnv(LanguageEnv):
             self._place(name, vector)
         mujoco.mj_forward(self.model, self.data)
         self.steps = 0
-        return self._observation(), {"success": False}
+        return self._observation(), {"success": False, **self._potential_info()}
 
     def step(self, action: Any):
         """Move the gripper ``MAX_STEP_M`` in the direction that ``ACTION_NAMES[action]`` names."""
@@ -355,7 +355,13 @@ class TabletopEnv(LanguageEnv):
         """Hook to keep the gripper out of what it must not press into (Push: the top of the box)."""
         return target
 
+    def _potential_info(self) -> dict[str, float]:
+        """``{"potential": phi(state)}`` for an env with a ``potential()`` method (Reach), else nothing."""
+        potential = getattr(self, "potential", None)
+        return {} if potential is None else {"potential": potential()}
+
     def _move(self, direction: np.ndarray):
+        before = self._potential_info()
         start = self.gripper_pos
         target = np.clip(start + direction * MAX_STEP_M, WORKSPACE_LOW, WORKSPACE_HIGH)
         target = self._limit_target(start, target)
@@ -376,7 +382,10 @@ class TabletopEnv(LanguageEnv):
         self.steps += 1
         success = self._solved()
         truncated = not success and self.steps >= self.max_steps
-        return self._observation(), 1.0 if success else 0.0, success, truncated, {"success": success}
+        info = {"success": success, **self._potential_info()}
+        if before:  # for potential-based shaping (rewards.rules.PotentialShaping)
+            info["previous_potential"] = before["potential"]
+        return self._observation(), 1.0 if success else 0.0, success, truncated, info
 
     # -- to implement -----------------------------------------------------------------------------------
     def _reset_objects(self) -> None:
@@ -591,6 +600,11 @@ class ReachEnv(TabletopEnv):
 
     def _solved(self) -> bool:
         return bool(np.linalg.norm(self.target_pos - self.gripper_pos) <= self.SUCCESS_RADIUS_M)
+
+    def potential(self) -> float:
+        """Minus the gripper-to-ball distance in metres, for potential-based shaping (each step's info
+        carries it as ``potential``, and ``previous_potential`` before the move)."""
+        return -float(np.linalg.norm(self.target_pos - self.gripper_pos))
 
     def _state_words(self) -> str:
         return f"Gripper at {_cm(self.gripper_pos)}, ball at {_cm(self.target_pos)}."

@@ -9,6 +9,9 @@ vlmrl plot RUN_DIR... [--out PNG]                learning curves of several runs
 vlmrl collect gridworld --expert --episodes N --out DIR   expert episodes into a trajectory store
 vlmrl collect gridworld --model RUN [--branch K] --out DIR  a policy's episodes (K branches per step)
 vlmrl pairs STORE [STORE...] --mode trajectory|step|expert --out DIR   preference pairs (TRL's DPO format)
+vlmrl reward-model {pairs,train} ...             preference pairs from an expert; train a reward model (rewards/)
+vlmrl clip-adapt ENV_ID --out DIR                fine-tune a CLIP on an env's expert frames and captions
+vlmrl label PAIRS [--port N]                     label preference pairs by hand on a local web page
 
 A problem with the input (a bad option, a run directory in use, a missing checkpoint) ends the command
 with one line, "vlmrl: error: ...", that says what to change, and exit status 2.
@@ -116,11 +119,24 @@ def dispatch(command: str, argv: list[str]) -> None:
         from experiments.pairs import main as pairs
 
         pairs(tyro.cli(PairsConfig, args=argv))
+    elif command == "reward-model":
+        from rewards.reward_model import main as reward_model
+
+        reward_model(argv)
+    elif command == "clip-adapt":
+        from rewards.clip import main as clip_adapt
+
+        clip_adapt(argv)
+    elif command == "label":
+        from rewards.labelling import main as label
+
+        label(argv)
     elif command in ("-h", "--help", "help"):
         print(__doc__)
     else:
         raise VlmrlError(
-            f"unknown command {command!r}; the commands are train, eval, demo, baseline, plot, collect, pairs (vlmrl --help)."
+            f"unknown command {command!r}; the commands are train, eval, demo, baseline, plot, collect, pairs, "
+            "reward-model, clip-adapt, label (vlmrl --help)."
         )
 
 

@@ -148,7 +148,7 @@ def test_invalid_discrete_action_raises(env):
 def test_reach_success_rewards_and_terminates():
     env = ReachEnv(image_size=32)
     _, info = env.reset(seed=0, options={"gripper": (0.0, 0.0, 0.1), "target": (0.07, 0.0, 0.1)})
-    assert info == {"success": False}
+    assert info == {"success": False, "potential": pytest.approx(-0.07)}  # potential: minus the distance
     assert env.expert_rationale() == "The ball is 7 cm right of the gripper; the largest gap is right, so I move right."
     _, reward, terminated, truncated, info = env.step(RIGHT)
     assert (reward, terminated, truncated, info["success"]) == (1.0, True, False, True)
