@@ -14,7 +14,7 @@ Run it through an experiment script (``vlmrl train gridworld --algo ppo --help``
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from agents.losses import approx_kl, clip_fraction, clipped_surrogate, k3_kl, va
 from agents.optim import GuardedStep, make_optimizer, set_learning_rate
 from agents.policy import VLMPolicy
 from agents.rollout import episode_metrics
-from agents.run import Run, RunConfig
+from agents.run import Run, RunConfig, check_rewards
 from agents.storage import Rollout
 
 
@@ -79,8 +79,12 @@ class PPOConfig(RunConfig):
     max_nonfinite_steps: int = 5
     """Abort after this many optimizer steps in a row with a non-finite loss or gradient."""
 
-    invalid_penalty: float = 1.0
-    """Subtracted from the reward of a step whose answer was invalid."""
+    reward: list[str] = field(default_factory=lambda: ["env:1", "invalid:-1"])
+    """Reward modules and their weights, ``NAME[:WEIGHT[:KEY=VALUE,...]]`` (``rewards/``): the env's reward
+    (``env``), the invalid-answer indicator (``invalid``), a well-formed answer (``format``),
+    potential-based shaping at this run's gamma (``shaping``), a CLIP reward (``clip``, VLM-RM), a learned
+    reward model (``rm:W:path=DIR``). Their weighted sum is what the algorithm optimises; each term is
+    logged as ``rewards/<name>``. Default: the env's reward, minus 1 for an invalid answer."""
 
     @property
     def batch_size(self) -> int:
@@ -119,6 +123,7 @@ class PPOConfig(RunConfig):
             raise ConfigError("update_epochs and max_nonfinite_steps must be >= 1.")
         if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
             raise ConfigError(f"gamma and gae_lambda must be in [0, 1], got {self.gamma} and {self.gae_lambda}.")
+        check_rewards(self.reward)
         if self.kl_coef > 0 and self.policy.lora_rank == 0:
             raise ConfigError("kl_coef > 0 needs a reference policy, which needs LoRA: set lora_rank > 0 or kl_coef 0.")
 
@@ -227,6 +232,7 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
         run.restore(runner=runner, optimizer=optimizer)
         trainable = [p for p in policy.parameters() if p.requires_grad]
         guarded_step = GuardedStep(optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps)
+        reward_set = run.make_rewards(config.reward, config.gamma, policy)
 
         for update in run.updates(config.num_updates, config.batch_size):
             update_start = time.perf_counter()
@@ -235,6 +241,7 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
             # --- rollout: one batched act per vector step -------------------------------------------------
             rollout = Rollout(config.num_steps, config.num_envs)
             act_seconds, tokens, invalid, frames, thoughts = 0.0, 0, 0, [], []
+            reward_terms: dict[str, float] = {}  # each reward module's mean per env step
             for _ in range(config.num_steps):
                 step = runner.step(policy)
                 act_seconds, tokens, invalid = (
@@ -252,7 +259,13 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
                     if cut
                     else {}
                 )
-                rewards = step.rewards - config.invalid_penalty * step.invalid
+                scored = reward_set(
+                    step.observations, step.completions, step.infos, env_rewards=step.rewards,
+                    terminated=step.terminated, truncated=step.truncated, next_observations=step.next_observations,
+                )  # fmt: skip
+                rewards = scored.total
+                for name, value in scored.metrics().items():
+                    reward_terms[name] = reward_terms.get(name, 0.0) + value / config.num_steps
                 rollout.add(step.completions, rewards, step.terminated, step.truncated, final_values)
             rollout.finish(policy.values(runner.observations, spec).numpy(), config.gamma, config.gae_lambda)
 
@@ -273,6 +286,7 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
                     "charts/env_steps_per_s": config.batch_size / (time.perf_counter() - update_start),
                     "charts/tokens_per_s": tokens / max(act_seconds, 1e-9),
                     **episode_metrics(finished),
+                    **reward_terms,
                 }
             )
             if thoughts:

@@ -27,6 +27,7 @@ import numpy as np
 
 from agents.policy import Completion
 from envs.language import extract_thoughts
+from rewards import infos_per_env, next_observations
 
 InvalidRule = Literal["default", "random"]
 SuccessRule = Literal["terminated_positive_reward", "positive_return"]
@@ -232,6 +233,12 @@ class RunnerStep:
     without a checker)."""
     act_seconds: float
     generated_tokens: int
+    infos: list[dict[str, Any]] = field(default_factory=list)
+    """Per env: the info of its step (for an episode that ended, its last step's, not the reset's); ``{}``
+    for an env that did not step. What reward modules read (e.g. shaping's potentials)."""
+    next_observations: dict[str, Any] | None = None
+    """The observations the step led to, an ended episode's last one in place of the reset's (for reward
+    modules that score the reached state, such as ``clip``)."""
 
 
 class EnvRunner:
@@ -303,8 +310,11 @@ class EnvRunner:
         episode_steps = self.stats.lengths.copy()
         if active is None:
             self.observations, rewards, terminated, truncated, info = self.vector_env.step(actions)
+            infos = infos_per_env(info, self.num_envs, ended=terminated | truncated)
+            reached = next_observations(self.observations, info)
         else:
-            rewards, terminated, truncated, info = self._step_some(indices, actions)
+            rewards, terminated, truncated, info, infos = self._step_some(indices, actions)
+            reached = next_observations(self.observations, {})  # no autoreset: the observations are reached
         finished = self.stats.update(rewards, terminated, truncated, info, active)
         cut = np.flatnonzero(truncated & ~terminated)
         final_observations = {int(i): info["final_obs"][i] for i in cut}
@@ -326,19 +336,26 @@ class EnvRunner:
             episode_seeds=episode_seeds,
             episode_steps=episode_steps,
             thoughts_true=thoughts_true,
+            infos=infos,
+            next_observations=reached,
         )
         if self.recorder is not None:
             self.recorder.add(result)
         return result
 
-    def _step_some(self, indices: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-        """Step the envs at ``indices`` one by one, without autoreset; the others keep their observation."""
+    def _step_some(
+        self, indices: np.ndarray, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, list[dict]]:
+        """Step the envs at ``indices`` one by one, without autoreset; the others keep their observation.
+        Returns the vector-style info (for the episode statistics) and each env's own info."""
         rewards = np.zeros(self.num_envs)
         terminated, truncated = np.zeros(self.num_envs, dtype=bool), np.zeros(self.num_envs, dtype=bool)
         success, reported = np.zeros(self.num_envs, dtype=bool), np.zeros(self.num_envs, dtype=bool)
         final_obs: list[Any] = [None] * self.num_envs
+        infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         for index in indices:
             observation, reward, term, trunc, env_info = self.vector_env.envs[index].step(actions[index])
+            infos[index] = dict(env_info)
             rewards[index], terminated[index], truncated[index] = reward, term, trunc
             _set_observation(self.observations, index, observation)
             if term or trunc:
@@ -346,7 +363,7 @@ class EnvRunner:
                 if "success" in env_info:
                     success[index], reported[index] = bool(env_info["success"]), True
         info = {"final_info": {"success": success, "_success": reported}, "final_obs": final_obs}
-        return rewards, terminated, truncated, info
+        return rewards, terminated, truncated, info, infos
 
     def reset(self, seeds: Sequence[int]) -> None:
         """Start a new episode in every env, env ``i`` from ``seeds[i]`` (a group rollout's round)."""

@@ -209,6 +209,16 @@ def deferred_validation() -> Iterator[None]:
         _VALIDATE_ON_INIT.reset(token)
 
 
+def check_rewards(specs: list[str]) -> None:
+    """An algorithm's ``reward`` option, checked before anything loads (see ``rewards.check_reward_specs``)."""
+    from rewards import check_reward_specs
+
+    try:
+        check_reward_specs(specs)
+    except ValueError as error:
+        raise ConfigError(f"--reward: {error}") from None
+
+
 def import_env_module(name: str) -> None:
     """Import the module that registers a third-party environment, with a clear error if it is missing."""
     try:
@@ -513,6 +523,18 @@ class Run:
             return load_policy(str(self.checkpoint_path / POLICY_DIR), device=self.config.policy.device)
         options = config_to_dict(self.config.policy)
         return load_policy(options.pop("model"), **options)
+
+    def make_rewards(self, specs: list[str], gamma: float, policy):
+        """The reward modules of ``specs`` (``rewards.RewardSet``), for this run's env, discount and policy."""
+        from rewards import RewardContext, RewardSet
+
+        context = RewardContext(
+            env_id=self.config.env_id,
+            gamma=gamma,
+            device=str(policy.device),
+            prompt_style=policy.config.prompt_style,
+        )
+        return RewardSet.from_specs(specs, context)
 
     def make_env_runner(self) -> EnvRunner:
         """The training envs, seeded with ``config.seed``, reporting each step to the progress bar."""

@@ -219,6 +219,23 @@ def parse_reward_spec(text: str) -> RewardSpec:
     return RewardSpec(name, weight, options)
 
 
+def check_reward_specs(specs: Sequence[str]) -> list[RewardSpec]:
+    """Parse an algorithm's ``reward`` option before anything loads: at least one module, each known, each
+    once, weights that are numbers. Raises ``ValueError`` with what to change.
+
+    >>> [spec.name for spec in check_reward_specs(["env:1", "invalid:-1"])]
+    ['env', 'invalid']
+    """
+    if not specs:
+        raise ValueError("No reward modules: give at least one, e.g. --reward env:1 invalid:-1.")
+    parsed = [parse_reward_spec(text) for text in specs]
+    names = [spec.name for spec in parsed]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"Reward {', '.join(duplicates)} is given twice; give each module once with one weight.")
+    return parsed
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The set the algorithms call
 # ----------------------------------------------------------------------------------------------------------

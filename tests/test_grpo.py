@@ -199,3 +199,16 @@ def test_round_advantages_by_hand_with_a_cut_trajectory():
     config.advantage_norm, config.step_advantage_weight = "std", 0.0  # GRPO: (R - mean) / std, std = 0.5
     per_env, _ = round_advantages(trajectories, config)
     np.testing.assert_allclose(np.concatenate(per_env), [1.0, 1.0, -1.0, -1.0, -1.0], atol=1e-5)
+
+
+def test_group_rounds_score_steps_with_the_reward_modules(tmp_path):
+    # Masked stepping (envs of a group that finished wait for the round's end) must pass each env's own
+    # info on: shaping reads the potentials from it.
+    config = grpo_config(
+        tmp_path, env_kwargs={"size": 3, "n_walls": 0, "distance_reward": 0.0}, reward=["env:1", "shaping:1"]
+    )
+    rows = read_metrics(train(config) / "metrics.jsonl")
+    trained = [row for row in rows if "rewards/shaping" in row]
+    assert trained and any(row["rewards/shaping"] != 0 for row in trained)
+    for row in trained:
+        assert row["rewards/total"] == pytest.approx(row["rewards/env"] + row["rewards/shaping"])

@@ -118,6 +118,10 @@ def test_episode_stats_use_the_final_info_of_same_step_autoreset():
         (dict(invalid_default_action=7), "not an action of"),
         (dict(policy=PolicyConfig(model="tiny-nonexistent")), "Unknown preset"),
         (dict(kl_coef=0.1, policy=PolicyConfig(model="tiny", lora_rank=0)), "needs LoRA"),
+        (dict(reward=["bonus:1"]), "--reward: Unknown reward 'bonus'"),
+        (dict(reward=["env:lots"]), "weight 'lots' is not a number"),
+        (dict(reward=["env:1", "env:2"]), "env is given twice"),
+        (dict(reward=[]), "No reward modules"),
     ],
 )
 def test_bad_configs_fail_before_any_model_loads(tmp_path, overrides, message):
@@ -344,3 +348,18 @@ def test_rollout_bootstraps_a_truncation_from_its_final_observation():
     np.testing.assert_allclose(
         rollout.advantages[:, 0], [0.5 * 5.0 - 0.1, (0.5 * 0.3 - 0.2) + 0.5 * (1.0 - 0.3), 1.0 - 0.3], atol=1e-12
     )
+
+
+def test_reward_modules_are_summed_with_their_weights_and_logged_per_term(tmp_path):
+    # GridWorld without its built-in distance reward, shaped by the env's potential at PPO's gamma instead.
+    config = small_config(
+        tmp_path, env_id="vlmrl/GridWorld-v0", env_kwargs={"size": 3, "n_walls": 0, "distance_reward": 0.0},
+        reward=["env:1", "invalid:-1", "shaping:0.5"], total_env_steps=32,
+    )  # fmt: skip
+    rows = read_metrics(train(config) / "metrics.jsonl")
+    trained = [row for row in rows if "rewards/shaping" in row]
+    assert trained and all({"rewards/env", "rewards/invalid", "rewards/total"} <= set(row) for row in trained)
+    for row in trained:  # the total is the weighted sum of the terms' means
+        expected = row["rewards/env"] - row["rewards/invalid"] + 0.5 * row["rewards/shaping"]
+        assert row["rewards/total"] == pytest.approx(expected)
+    assert any(row["rewards/shaping"] != 0 for row in trained)
