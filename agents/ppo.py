@@ -225,15 +225,18 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
         spec = runner.spec
         optimizer = make_optimizer(policy, config.learning_rate, config.value_learning_rate)
         run.restore(runner=runner, optimizer=optimizer)
+        optimizer = run.prepare(policy, optimizer)
         trainable = [p for p in policy.parameters() if p.requires_grad]
-        guarded_step = GuardedStep(optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps)
+        guarded_step = GuardedStep(
+            optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps, parallel=run.parallel
+        )
 
         for update in run.updates(config.num_updates, config.batch_size):
             update_start = time.perf_counter()
             learning_rate = set_learning_rate(optimizer, update, config.num_updates, config.anneal_lr)
 
             # --- rollout: one batched act per vector step -------------------------------------------------
-            rollout = Rollout(config.num_steps, config.num_envs)
+            rollout = Rollout(config.num_steps, runner.num_envs)  # this rank's envs
             act_seconds, tokens, invalid, frames, thoughts = 0.0, 0, 0, [], []
             for _ in range(config.num_steps):
                 step = runner.step(policy)
@@ -255,12 +258,19 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
                 rewards = step.rewards - config.invalid_penalty * step.invalid
                 rollout.add(step.completions, rewards, step.terminated, step.truncated, final_values)
             rollout.finish(policy.values(runner.observations, spec).numpy(), config.gamma, config.gae_lambda)
+            # Every rank holds the global batch from here on (see agents/parallel.py): advantage normalisation
+            # and the minibatch order are the single-process ones.
+            rollout = Rollout.join(run.gather(rollout))
 
             # --- update ---------------------------------------------------------------------------------------
             metrics = ppo_update(policy, rollout, config, run.generator, guarded_step)
 
             # --- logging ------------------------------------------------------------------------------------
-            finished = runner.stats.pop()
+            shares = run.gather((runner.stats.pop(), act_seconds, tokens, invalid, thoughts))
+            finished = [episode for share in shares for episode in share[0]]
+            act_seconds = max(share[1] for share in shares)  # the ranks act at the same time
+            tokens, invalid = sum(share[2] for share in shares), sum(share[3] for share in shares)
+            thoughts = [value for share in shares for value in share[4]]
             values, returns = rollout.values.ravel(), rollout.returns.ravel()
             variance = np.var(returns)
             metrics.update(
@@ -280,7 +290,7 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
             run.end_update(
                 update,
                 metrics,
-                runner.steps,
+                run.env_steps(runner),
                 policy,
                 finished=finished,
                 samples=_sample_rows(rollout),

@@ -1,0 +1,230 @@
+"""Data-parallel training under a launcher (agents/parallel.py): two CPU processes (gloo on loopback) give
+the parameters of one process with the same global batch, a killed two-process run resumes exactly, and
+what cannot run is refused with a message.
+
+The two-process runs are started with ``torchrun`` (``accelerate launch --cpu`` starts one process on a
+machine without MPI). Sampling during the rollout is made per env (each env's answer drawn from a seed of
+its own: :func:`per_env_sampling`), so that one process and two draw the same answers; everything after
+the rollout (gathering, advantages, minibatch order, the sharded gradient, the optimizer) is the real code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agents.errors import ConfigError
+from agents.policy import PolicyConfig, load_policy
+from agents.run import config_to_dict
+from agents.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = PolicyConfig(model="tiny", prompt_style="action", constrained=True, lora_rank=8, temperature=1.0)
+TIMING = {"charts/env_steps_per_s", "charts/tokens_per_s", "charts/samples_per_s"}
+COMMON = dict(env_id="vlmrl/Colour-v0", num_envs=4, learning_rate=1e-3, progress=False, sample_every=1)
+
+
+def ppo_config(run_dir: Path, **overrides):
+    from agents.ppo import PPOConfig
+
+    options = dict(COMMON, num_steps=2, total_env_steps=24, minibatch_size=4, micro_batch_size=2, update_epochs=2)
+    options.update(run_dir=str(run_dir), checkpoint_every=1, policy=dataclasses.replace(TINY), **overrides)
+    return PPOConfig(**options)
+
+
+def grpo_config(run_dir: Path, **overrides):
+    from agents.grpo import GRPOConfig
+
+    options = dict(COMMON, group_size=2, total_env_steps=8, minibatch_size=2, micro_batch_size=1, update_epochs=2)
+    options.update(run_dir=str(run_dir), checkpoint_every=1, policy=dataclasses.replace(TINY), **overrides)
+    return GRPOConfig(**options)
+
+
+def per_env_sampling() -> None:
+    """Make each env's answer depend only on the env (its run-wide index) and the step, not on which
+    process acts for it or on the batch it is acted in: one ``act`` per env, from a seed of its own."""
+    from agents.rollout import EnvRunner
+
+    real_step = EnvRunner.step
+    if getattr(real_step, "per_env", False):
+        return
+
+    def step(self, policy, greedy=False, active=None):
+        self.calls = getattr(self, "calls", 0) + 1
+        indices = np.arange(self.num_envs) if active is None else np.flatnonzero(active)
+        real_act = policy.act
+
+        def act(observations, spec, greedy=False):
+            completions = []
+            for row, index in enumerate(indices):
+                torch.manual_seed(1_000 * self.calls + self.first_env + int(index))
+                one = {
+                    k: v[row : row + 1] if isinstance(v, np.ndarray) else type(v)([v[row]])
+                    for k, v in observations.items()
+                }
+                completions += real_act(one, spec, greedy=greedy)
+            return completions
+
+        policy.act = act
+        try:
+            return real_step(self, policy, greedy, active)
+        finally:
+            del policy.act
+
+    step.per_env = True
+    EnvRunner.step = step
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    import test_parallel
+    from agents.run import config_from_dict
+    test_parallel.per_env_sampling()
+    for algorithm, path in json.loads(sys.argv[1]):
+        module = {{"ppo": "agents.ppo", "grpo": "agents.grpo"}}[algorithm]
+        agent = __import__(module, fromlist=["train"])
+        config_class = getattr(agent, {{"ppo": "PPOConfig", "grpo": "GRPOConfig"}}[algorithm])
+        agent.train(config_from_dict(config_class, json.loads(open(path).read())))
+    """
+)
+
+
+def launch(tmp_path: Path, jobs: list[tuple[str, object]], name: str) -> subprocess.Popen:
+    """Start ``torchrun --nproc-per-node 2`` on the jobs ``[(algorithm, config)]``, in sequence."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(tests=str(ROOT / "tests")))
+    paths = []
+    for index, (algorithm, config) in enumerate(jobs):
+        path = tmp_path / f"{name}-{index}.json"
+        path.write_text(json.dumps(config_to_dict(config)))
+        paths.append((algorithm, str(path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return subprocess.Popen(
+        [*command, str(script), json.dumps(paths)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # kill -9 reaches the launcher and both ranks
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-12000:]
+    return output
+
+
+def parameters(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in load_policy(str(checkpoint / "policy")).named_parameters()}
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """One launch of two processes: a PPO run, then a GRPO run."""
+    tmp_path = tmp_path_factory.mktemp("two")
+    jobs = [("ppo", ppo_config(tmp_path / "ppo")), ("grpo", grpo_config(tmp_path / "grpo"))]
+    finish(launch(tmp_path, jobs, "both"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_two_processes_give_the_parameters_of_one(two_processes, tmp_path, monkeypatch, algorithm):
+    from agents import grpo, ppo
+    from agents.rollout import EnvRunner
+
+    monkeypatch.setattr(EnvRunner, "step", EnvRunner.step)  # undone after the test
+    per_env_sampling()
+    torch.set_num_threads(1)
+    make, agent, last = (
+        (ppo_config, ppo, "update-000003") if algorithm == "ppo" else (grpo_config, grpo, "update-000002")
+    )
+    one = agent.train(make(tmp_path / "one"))
+    two = two_processes / algorithm
+    expected, actual = parameters(one / "checkpoints" / last), parameters(two / "checkpoints" / last)
+    start = load_policy("tiny", **{k: v for k, v in dataclasses.asdict(TINY).items() if k != "model"})
+    moved = [name for name, p in start.named_parameters() if not torch.equal(p.detach(), expected[name])]
+    assert any("lora_" in name for name in moved), "the runs must train something for the comparison to mean anything"
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, atol=1e-5, rtol=0, msg=name)
+    one_rows, two_rows = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    assert [r["global_step"] for r in two_rows] == [r["global_step"] for r in one_rows]
+    for a, b in zip(without_timing(one_rows), without_timing(two_rows)):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=1e-5, nan_ok=True), key
+    state = torch.load(two / "checkpoints" / last / "trainer.pt", weights_only=False)
+    assert state["world_size"] == 2 and [r["runner"]["num_envs"] for r in state["ranks"]] == [2, 2]
+
+
+def test_a_killed_two_process_run_resumes_exactly(two_processes, tmp_path):
+    run_dir = tmp_path / "killed"
+    process = launch(tmp_path, [("ppo", ppo_config(run_dir))], "killed")
+    deadline = time.time() + 180
+    while not (run_dir / "checkpoints" / "update-000001").exists() and process.poll() is None:
+        assert time.time() < deadline, "the run never wrote its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.0))
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    finish(launch(tmp_path, [("ppo", ppo_config(None, resume=str(run_dir)))], "resumed"))
+    straight = two_processes / "ppo"
+    expected, actual = (
+        parameters(straight / "checkpoints/update-000003"),
+        parameters(run_dir / "checkpoints/update-000003"),
+    )
+    for name, value in expected.items():
+        assert torch.equal(actual[name], value), name
+    assert without_timing(read_metrics(run_dir / "metrics.jsonl")) == without_timing(
+        read_metrics(straight / "metrics.jsonl")
+    )
+
+
+# --- what cannot run -----------------------------------------------------------------------------------------
+
+
+def test_a_world_size_that_does_not_divide_the_envs_or_groups_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"3 processes cannot share num_envs=4 envs"):
+        ppo_config(tmp_path).check_world_size(3)
+    with pytest.raises(ConfigError, match=r"2 processes cannot share 1 GRPO groups .*multiple of group_size \* 2 = 8"):
+        grpo_config(tmp_path, group_size=4).check_world_size(2)
+    ppo_config(tmp_path).check_world_size(2)
+
+
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"ACCELERATE_USE_FSDP": "true"}, "FSDP shards parameters"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "deepspeed|ZeRO-3"),
+    ],
+)
+def test_fsdp_and_deepspeed_configs_are_refused_with_what_to_do(monkeypatch, environment, message):
+    from agents.parallel import check_distributed_type
+
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=message) as refused:
+        check_distributed_type()
+    assert "ddp.yaml" in str(refused.value)
