@@ -40,7 +40,9 @@ def ppo_config(run_dir: Path, **overrides):
     from agents.ppo import PPOConfig
 
     options = dict(COMMON, num_steps=2, total_env_steps=24, minibatch_size=4, micro_batch_size=2, update_epochs=2)
-    options.update(run_dir=str(run_dir), checkpoint_every=1, policy=dataclasses.replace(TINY), **overrides)
+    options.update(
+        run_dir=str(run_dir) if run_dir else None, checkpoint_every=1, policy=dataclasses.replace(TINY), **overrides
+    )
     return PPOConfig(**options)
 
 
@@ -48,7 +50,9 @@ def grpo_config(run_dir: Path, **overrides):
     from agents.grpo import GRPOConfig
 
     options = dict(COMMON, group_size=2, total_env_steps=8, minibatch_size=2, micro_batch_size=1, update_epochs=2)
-    options.update(run_dir=str(run_dir), checkpoint_every=1, policy=dataclasses.replace(TINY), **overrides)
+    options.update(
+        run_dir=str(run_dir) if run_dir else None, checkpoint_every=1, policy=dataclasses.replace(TINY), **overrides
+    )
     return GRPOConfig(**options)
 
 
@@ -228,3 +232,60 @@ def test_fsdp_and_deepspeed_configs_are_refused_with_what_to_do(monkeypatch, env
     with pytest.raises(ConfigError, match=message) as refused:
         check_distributed_type()
     assert "ddp.yaml" in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_shipped_accelerate_configs_are_valid(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.name == {"ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(name, "DEEPSPEED")
+    if name.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+# --- GPU readiness, checked on CPU --------------------------------------------------------------------------------
+
+
+def test_out_of_memory_stops_with_the_next_micro_batch_size_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from agents.checkpoint import verify_checkpoint
+    from agents.optim import OutOfMemory
+    from agents.policy import VLMPolicy
+    from agents.ppo import train
+
+    real_forward, calls = VLMPolicy.forward, []
+
+    def forward(self, completions, temperature=None):
+        if torch.is_grad_enabled():
+            calls.append(len(completions))
+            if len(calls) > 8:  # update 1: 2 epochs x 2 minibatches x 2 micro-batches fit; update 2 does not
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_forward(self, completions, temperature)
+
+    monkeypatch.setattr(VLMPolicy, "forward", forward)
+    run_dir = tmp_path / "run"
+    with pytest.raises(OutOfMemory) as stopped:
+        train(ppo_config(run_dir))
+    message = str(stopped.value)
+    assert "micro_batch_size=2" in message and f"--resume {run_dir} --micro-batch-size 1" in message, message
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("update-*"))
+    assert checkpoints == ["update-000001"] and verify_checkpoint(run_dir / "checkpoints" / "update-000001") is None
+    monkeypatch.setattr(VLMPolicy, "forward", real_forward)
+    train(ppo_config(None, resume=str(run_dir), micro_batch_size=1), defaults=ppo_config(None))
+    assert [r["global_step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [8, 16, 24]
+
+
+def test_bench_gpu_dry_run_prints_a_table_and_writes_json(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--dry-run", "--out", str(tmp_path / "bench.json")])
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
+    assert [g["batch"] for g in result["generation"]] == [1, 4, 8] and all(
+        g["tokens_per_s"] > 0 for g in result["generation"]
+    )
+    assert [u["algorithm"] for u in result["updates"]] == ["ppo", "grpo"] and result["updates"][0]["mfu"] is None
+    assert result["training"]["env_steps"] == 4
+    assert "| generation batch 8" in capsys.readouterr().out
