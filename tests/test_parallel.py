@@ -40,9 +40,8 @@ def ppo_config(run_dir: Path, **overrides):
     from agents.ppo import PPOConfig
 
     options = dict(COMMON, num_steps=2, total_env_steps=24, minibatch_size=4, micro_batch_size=2, update_epochs=2)
-    options.update(
-        run_dir=str(run_dir) if run_dir else None, checkpoint_every=1, policy=dataclasses.replace(TINY), **overrides
-    )
+    options.update(run_dir=str(run_dir) if run_dir else None, checkpoint_every=1, policy=dataclasses.replace(TINY))
+    options.update(overrides)
     return PPOConfig(**options)
 
 
@@ -50,9 +49,8 @@ def grpo_config(run_dir: Path, **overrides):
     from agents.grpo import GRPOConfig
 
     options = dict(COMMON, group_size=2, total_env_steps=8, minibatch_size=2, micro_batch_size=1, update_epochs=2)
-    options.update(
-        run_dir=str(run_dir) if run_dir else None, checkpoint_every=1, policy=dataclasses.replace(TINY), **overrides
-    )
+    options.update(run_dir=str(run_dir) if run_dir else None, checkpoint_every=1, policy=dataclasses.replace(TINY))
+    options.update(overrides)
     return GRPOConfig(**options)
 
 
@@ -147,9 +145,14 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """One launch of two processes: a PPO run, then a GRPO run."""
+    """One launch of two processes: a PPO run, a GRPO run, and a PPO run with the options a GPU run uses."""
     tmp_path = tmp_path_factory.mktemp("two")
-    jobs = [("ppo", ppo_config(tmp_path / "ppo")), ("grpo", grpo_config(tmp_path / "grpo"))]
+    gpu_options = dataclasses.replace(TINY, dtype="bfloat16", gradient_checkpointing=True, attn_implementation="sdpa")
+    jobs = [
+        ("ppo", ppo_config(tmp_path / "ppo")),
+        ("grpo", grpo_config(tmp_path / "grpo")),
+        ("ppo", ppo_config(tmp_path / "bf16", total_env_steps=8, policy=gpu_options)),
+    ]
     finish(launch(tmp_path, jobs, "both"))
     return tmp_path
 
@@ -181,6 +184,21 @@ def test_two_processes_give_the_parameters_of_one(two_processes, tmp_path, monke
             assert b[key] == pytest.approx(a[key], abs=1e-5, nan_ok=True), key
     state = torch.load(two / "checkpoints" / last / "trainer.pt", weights_only=False)
     assert state["world_size"] == 2 and [r["runner"]["num_envs"] for r in state["ranks"]] == [2, 2]
+
+
+def test_bf16_lora_gradient_checkpointing_and_sdpa_train_under_ddp(two_processes):
+    """The GPU options, under two processes: bfloat16 weights, float32 LoRA adapters and value head (so their
+    optimizer states are float32 too), gradient checkpointing, SDPA attention."""
+    policy = load_policy(str(two_processes / "bf16" / "checkpoints" / "update-000001" / "policy"))
+    assert policy.config.dtype == "bfloat16" and policy.config.gradient_checkpointing
+    start = load_policy("tiny", **{k: v for k, v in dataclasses.asdict(TINY).items() if k != "model"})
+    before = dict(start.named_parameters())
+    trained = {name: p for name, p in policy.named_parameters() if p.requires_grad}
+    assert {str(p.dtype) for p in trained.values()} == {"torch.float32"}
+    assert any(not torch.equal(p.detach(), before[name].detach()) for name, p in trained.items() if "lora_B" in name)
+    state = torch.load(two_processes / "bf16" / "checkpoints" / "update-000001" / "trainer.pt", weights_only=False)
+    dtypes = {str(v.dtype) for entry in state["optimizer"]["state"].values() for v in entry.values() if v.dim()}
+    assert dtypes == {"torch.float32"}
 
 
 def test_a_killed_two_process_run_resumes_exactly(two_processes, tmp_path):
