@@ -199,6 +199,9 @@ def train(config: SFTConfig, defaults: SFTConfig | None = None) -> Path:
         num_updates = config.epochs * batches.per_epoch
         optimizer = make_optimizer(policy, config.learning_rate)
         run.restore(optimizer=optimizer, batches=batches)
+        # The loss has no value term: the value head gets no gradient (AdamW skips it; it stays in the
+        # optimizer's groups, so checkpoints keep their layout), and DDP must not wait for one.
+        policy.value_head.requires_grad_(False)
         optimizer = run.prepare(policy, optimizer)
         trainable = [p for p in policy.parameters() if p.requires_grad]
         guarded_step = GuardedStep(

@@ -54,6 +54,15 @@ def grpo_config(run_dir: Path, **overrides):
     return GRPOConfig(**options)
 
 
+def sft_config(run_dir: Path | None, data: Path, **overrides):
+    from agents.sft import SFTConfig
+
+    options = dict(COMMON, data=str(data), epochs=2, batch_size=4, micro_batch_size=2, checkpoint_every=1)
+    options.update(run_dir=str(run_dir) if run_dir else None, policy=dataclasses.replace(TINY), sample_every=0)
+    options.update(overrides)
+    return SFTConfig(**options)
+
+
 def per_env_sampling() -> None:
     """Make each env's answer depend only on the env (its run-wide index) and the step, not on which
     process acts for it or on the batch it is acted in: one ``act`` per env, from a seed of its own."""
@@ -98,9 +107,8 @@ CHILD = textwrap.dedent(
     from agents.run import config_from_dict
     test_parallel.per_env_sampling()
     for algorithm, path in json.loads(sys.argv[1]):
-        module = {{"ppo": "agents.ppo", "grpo": "agents.grpo"}}[algorithm]
-        agent = __import__(module, fromlist=["train"])
-        config_class = getattr(agent, {{"ppo": "PPOConfig", "grpo": "GRPOConfig"}}[algorithm])
+        agent = __import__("agents." + algorithm, fromlist=["train"])
+        config_class = getattr(agent, algorithm.upper() + "Config")
         agent.train(config_from_dict(config_class, json.loads(open(path).read())))
     """
 )
@@ -145,30 +153,36 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """One launch of two processes: a PPO run, a GRPO run, and a PPO run with the options a GPU run uses."""
+    """One launch of two processes: a PPO run, a GRPO run, an SFT run and a PPO run with a GPU run's options."""
+    from agents.trajectories import collect_expert
+
     tmp_path = tmp_path_factory.mktemp("two")
+    collect_expert("vlmrl/Colour-v0", tmp_path / "demos", episodes=6, seed=0, prompt_style="action")
     gpu_options = dataclasses.replace(TINY, dtype="bfloat16", gradient_checkpointing=True, attn_implementation="sdpa")
     jobs = [
         ("ppo", ppo_config(tmp_path / "ppo")),
         ("grpo", grpo_config(tmp_path / "grpo")),
+        ("sft", sft_config(tmp_path / "sft", tmp_path / "demos")),
         ("ppo", ppo_config(tmp_path / "bf16", total_env_steps=8, policy=gpu_options)),
     ]
     finish(launch(tmp_path, jobs, "both"))
     return tmp_path
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "sft"])
 def test_two_processes_give_the_parameters_of_one(two_processes, tmp_path, monkeypatch, algorithm):
-    from agents import grpo, ppo
+    from agents import grpo, ppo, sft
     from agents.rollout import EnvRunner
 
     monkeypatch.setattr(EnvRunner, "step", EnvRunner.step)  # undone after the test
     per_env_sampling()
     torch.set_num_threads(1)
-    make, agent, last = (
-        (ppo_config, ppo, "update-000003") if algorithm == "ppo" else (grpo_config, grpo, "update-000002")
-    )
-    one = agent.train(make(tmp_path / "one"))
+    if algorithm == "ppo":
+        one, last = ppo.train(ppo_config(tmp_path / "one")), "update-000003"
+    elif algorithm == "grpo":
+        one, last = grpo.train(grpo_config(tmp_path / "one")), "update-000002"
+    else:  # 6 demonstration steps in batches of 4: each epoch's last batch (2 steps) gives each rank one
+        one, last = sft.train(sft_config(tmp_path / "one", two_processes / "demos")), "update-000004"
     two = two_processes / algorithm
     expected, actual = parameters(one / "checkpoints" / last), parameters(two / "checkpoints" / last)
     start = load_policy("tiny", **{k: v for k, v in dataclasses.asdict(TINY).items() if k != "model"})
@@ -183,7 +197,9 @@ def test_two_processes_give_the_parameters_of_one(two_processes, tmp_path, monke
         for key in a:
             assert b[key] == pytest.approx(a[key], abs=1e-5, nan_ok=True), key
     state = torch.load(two / "checkpoints" / last / "trainer.pt", weights_only=False)
-    assert state["world_size"] == 2 and [r["runner"]["num_envs"] for r in state["ranks"]] == [2, 2]
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    if algorithm != "sft":
+        assert [r["runner"]["num_envs"] for r in state["ranks"]] == [2, 2]
 
 
 def test_bf16_lora_gradient_checkpointing_and_sdpa_train_under_ddp(two_processes):
