@@ -98,6 +98,26 @@ def per_env_sampling() -> None:
     EnvRunner.step = step
 
 
+def inject_fault() -> None:
+    """``VLMRL_TEST_FAULT=crash|hang``: rank 1 raises, or stops answering, at its 4th env step (update 2)."""
+    fault = os.environ.get("VLMRL_TEST_FAULT")
+    if not fault or os.environ.get("RANK") != "1":
+        return
+    from agents.rollout import EnvRunner
+
+    real_step = EnvRunner.step
+
+    def step(self, *args, **kwargs):
+        self.faulty_calls = getattr(self, "faulty_calls", 0) + 1
+        if self.faulty_calls == 4:
+            if fault == "crash":
+                raise RuntimeError("injected crash on rank 1")
+            time.sleep(3600)
+        return real_step(self, *args, **kwargs)
+
+    EnvRunner.step = step
+
+
 CHILD = textwrap.dedent(
     """
     import json, sys, torch
@@ -106,6 +126,7 @@ CHILD = textwrap.dedent(
     import test_parallel
     from agents.run import config_from_dict
     test_parallel.per_env_sampling()
+    test_parallel.inject_fault()
     for algorithm, path in json.loads(sys.argv[1]):
         agent = __import__("agents." + algorithm, fromlist=["train"])
         config_class = getattr(agent, algorithm.upper() + "Config")
@@ -114,7 +135,7 @@ CHILD = textwrap.dedent(
 )
 
 
-def launch(tmp_path: Path, jobs: list[tuple[str, object]], name: str) -> subprocess.Popen:
+def launch(tmp_path: Path, jobs: list[tuple[str, object]], name: str, fault: str | None = None) -> subprocess.Popen:
     """Start ``torchrun --nproc-per-node 2`` on the jobs ``[(algorithm, config)]``, in sequence."""
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(ROOT / "tests")))
@@ -125,6 +146,8 @@ def launch(tmp_path: Path, jobs: list[tuple[str, object]], name: str) -> subproc
         paths.append((algorithm, str(path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if fault:
+        env["VLMRL_TEST_FAULT"] = fault
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     return subprocess.Popen(
         [*command, str(script), json.dumps(paths)],
@@ -238,6 +261,27 @@ def test_a_killed_two_process_run_resumes_exactly(two_processes, tmp_path):
     assert without_timing(read_metrics(run_dir / "metrics.jsonl")) == without_timing(
         read_metrics(straight / "metrics.jsonl")
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["crash", "hang"])
+def test_a_rank_that_crashes_or_hangs_stops_the_run_and_leaves_the_checkpoint(tmp_path, fault):
+    """A crash: the launcher stops the other rank and names the one that failed. A hang: the other rank's
+    next collective fails after collective_timeout_s. Either way the run ends and checkpoint 1 is intact."""
+    from agents.checkpoint import verify_checkpoint
+
+    run_dir = tmp_path / "run"
+    start = time.time()
+    process = launch(tmp_path, [("ppo", ppo_config(run_dir, collective_timeout_s=20))], fault, fault=fault)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    if fault == "crash":
+        assert "injected crash on rank 1" in output and "rank      : 1" in output, output[-3000:]
+    else:
+        assert "rank      : 0" in output, output[-3000:]  # rank 0 timed out waiting for rank 1
+    assert verify_checkpoint(run_dir / "checkpoints" / "update-000001") is None
+    assert not (run_dir / "checkpoints" / "update-000002").exists()
+    print(f"{fault}: the run ended after {time.time() - start:.0f} s")
 
 
 # --- what cannot run -----------------------------------------------------------------------------------------
