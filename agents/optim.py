@@ -135,6 +135,7 @@ class GuardedStep:
 
     def _step_parallel(self, micro_batches: list[Any], loss_fn: Callable) -> dict[str, float] | None:
         parallel = self.parallel
+        parallel.check_in("an optimizer step")  # before DDP's all-reduce, which would time out naming no one
         minibatch = np.concatenate([np.asarray(micro) for micro in micro_batches])
         total, size = len(minibatch), len(micro_batches[0])
         share = parallel.share(minibatch)

@@ -23,8 +23,10 @@ algorithm:
   rank's env-runner and RNG state (``trainer.pt``'s ``ranks`` list), so a resumed run goes on exactly.
 
 A rank that crashes makes the launcher (torchrun's elastic agent, used by ``accelerate launch`` too) stop
-the others and name it. A rank that hangs is caught by the process group's timeout
-(``RunConfig.collective_timeout_s``): the other ranks' next collective fails after it with an error.
+the others and name it. A rank that hangs is named by the others: before each of our collectives the ranks
+meet in a monitored barrier (:meth:`DataParallel.check_in`), which fails after ``RunConfig.collective_timeout_s``
+naming the ranks that did not arrive (a plain collective would only time out, naming no one); the process
+group's own timeout is the same, for the collectives inside DDP's backward.
 
 Supported: DDP (``configs/accelerate/ddp.yaml``, multi-GPU or multi-CPU with gloo). FSDP and DeepSpeed
 are refused with a message (see :func:`check_distributed_type`): generation needs every rank to hold
@@ -102,6 +104,10 @@ class DataParallel:
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.model: torch.nn.Module | None = None
+        # accelerate has no way to say which rank is missing: torch's monitored barrier does, on gloo only,
+        # so it gets a gloo group of its own (the main group is NCCL on GPUs).
+        self.timeout = timedelta(seconds=timeout_s)
+        self._monitor = torch.distributed.new_group(backend="gloo", timeout=self.timeout)
 
     @property
     def device(self) -> torch.device:
@@ -125,10 +131,23 @@ class DataParallel:
         """Skip the gradient all-reduce for every micro-batch of a minibatch but its last."""
         return nullcontext() if last or self.model is None else self.accelerator.no_sync(self.model)
 
+    def check_in(self, what: str) -> None:
+        """Meet the other ranks, or fail after the timeout naming the ranks that did not come."""
+        try:
+            torch.distributed.monitored_barrier(group=self._monitor, timeout=self.timeout, wait_all_ranks=True)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"Rank {self.rank} waited {self.timeout.total_seconds():.0f} s (collective_timeout_s) for the other "
+                f"ranks before {what}: {error}. A rank that hangs or died stops the run; the last checkpoint is "
+                "intact. If a rank was only slow (rank 0 alone saves checkpoints and evaluates), raise "
+                "--collective-timeout-s."
+            ) from error
+
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order (pickled: for small host-side data)."""
         from accelerate.utils import gather_object
 
+        self.check_in("gathering data")
         return gather_object([obj])
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
@@ -142,6 +161,7 @@ class DataParallel:
         return broadcast_object_list([obj])[0]
 
     def wait(self) -> None:
+        self.check_in("waiting for rank 0")
         self.accelerator.wait_for_everyone()
 
     def share(self, minibatch: np.ndarray) -> np.ndarray:
