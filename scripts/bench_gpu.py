@@ -6,7 +6,7 @@ below, the shipped tiny tokenizer (ids fit the real vocabulary size, so the embe
 real shapes) and random weights. It measures:
 
 * ``act`` (batched generation, our logits processor included) in generated tokens/s at batch 1, 16 and 64,
-  against the memory-bandwidth bound: each decoding step reads every weight once, so at most
+  against the memory-bandwidth bound: each decoding step reads every language-model weight once, so at most
   ``batch * bandwidth / weight bytes`` tokens/s (the KV cache and activations only lower it);
 * a PPO and a GRPO update (the real loss functions and guarded optimizer step) in samples/s and model FLOPs
   utilisation, ``6 * N * tokens`` FLOPs (N: all parameters; tokens: prompt + answer per sample) over the
@@ -334,7 +334,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = policy.device
     spec = envs.get_language("vlmrl/GridWorld-v0")
     parameters = sum(p.numel() for p in policy.model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in policy.model.parameters())
+    # A decoding step reads the language model's weights (not the vision tower's, which ran once per image).
+    weight_bytes = sum(
+        p.numel() * p.element_size()
+        for name, p in policy.model.named_parameters()
+        if not any(part in name for part in ("visual", "vision", "multi_modal_projector"))
+    )
     name, bandwidth, peak_flops = device_peaks(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
