@@ -461,7 +461,7 @@ class Run:
             config = self._resume(config, defaults)
         self.config = config
         config.check_world_size(self.world_size)
-        if self.parallel is not None and self.state is not None and self.state.get("world_size", 1) != self.world_size:
+        if self.state is not None and self.state.get("world_size", 1) != self.world_size:
             raise ConfigError(
                 f"{self.checkpoint_path} was written by {self.state.get('world_size', 1)} process(es); resume it "
                 f"with as many (each holds its own envs' state), not {self.world_size}."

@@ -284,6 +284,16 @@ def test_a_rank_that_crashes_or_hangs_stops_the_run_and_leaves_the_checkpoint(tm
     print(f"{fault}: the run ended after {time.time() - start:.0f} s")
 
 
+def test_a_two_process_run_resumes_with_two_processes_only(two_processes, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(two_processes / "ppo", tmp_path / "ppo")
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\); resume it with as many .* not 1"):
+        from agents.ppo import train
+
+        train(ppo_config(None, resume=str(copy), total_env_steps=32))
+
+
 # --- what cannot run -----------------------------------------------------------------------------------------
 
 
