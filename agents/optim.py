@@ -121,14 +121,7 @@ class GuardedStep:
                 parts_sum[key] = parts_sum.get(key, 0.0) + float(value) * len(micro) / total
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm) if finite else None
         if not finite or not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.consecutive_nonfinite += 1
-            if self.consecutive_nonfinite >= self.max_nonfinite:
-                raise RuntimeError(
-                    f"{self.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient. "
-                    "Lower learning_rate, use float32 (dtype) or check the rewards."
-                )
-            return None
+            return self._skip()
         self.consecutive_nonfinite = 0
         self.optimizer.step()
         return parts_sum
@@ -152,20 +145,23 @@ class GuardedStep:
                 weight = used * len(micro) / total
                 parallel.accelerator.backward(loss * weight * parallel.world_size)
             for key, value in parts.items():
-                parts_sum[key] = parts_sum.get(key, 0.0) + float(value) * weight
+                parts_sum[key] = parts_sum.get(key, 0.0) + (float(value) * weight if used else 0.0)
         keys = sorted(parts_sum)
         summed = parallel.sum(torch.tensor([float(not finite), *(parts_sum[k] for k in keys)], dtype=torch.float64))
         finite = summed[0].item() == 0
         grad_norm = parallel.accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm) if finite else None
         if not finite or not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.consecutive_nonfinite += 1
-            if self.consecutive_nonfinite >= self.max_nonfinite:
-                raise RuntimeError(
-                    f"{self.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient. "
-                    "Lower learning_rate, use float32 (dtype) or check the rewards."
-                )
-            return None
+            return self._skip()
         self.consecutive_nonfinite = 0
         self.optimizer.step()
         return {key: float(value) for key, value in zip(keys, summed[1:].tolist())}
+
+    def _skip(self) -> None:
+        """Drop a step whose loss or gradient is not finite; too many in a row stop the run."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consecutive_nonfinite += 1
+        if self.consecutive_nonfinite >= self.max_nonfinite:
+            raise RuntimeError(
+                f"{self.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient. "
+                "Lower learning_rate, use float32 (dtype) or check the rewards."
+            )
