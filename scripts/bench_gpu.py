@@ -370,13 +370,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [("model", f"{args.model} ({parameters / 1e6:.1f} M parameters, {args.dtype}, LoRA {args.lora_rank})")]
     rows.append(("device", name + (" (CPU dry run: bounds n/a)" if bandwidth is None else "")))
     for g in generation:
-        rows.append(
-            (
-                f"generation batch {g['batch']}",
-                f"{g['tokens_per_s']:.1f} tokens/s (bound {fmt(g['bandwidth_bound_tokens_per_s'], '.0f')}, "
-                f"{fmt(g['fraction_of_bound'] and 100 * g['fraction_of_bound'], unit='%')} of it)",
-            )
-        )
+        bound = g["bandwidth_bound_tokens_per_s"]
+        against = f"{100 * g['fraction_of_bound']:.1f}% of the {bound:.0f} bound" if bound else "bandwidth bound n/a"
+        rows.append((f"generation batch {g['batch']}", f"{g['tokens_per_s']:.1f} tokens/s ({against})"))
     for u in updates:
         rows.append(
             (
