@@ -186,7 +186,7 @@ def two_processes(tmp_path_factory):
         ("ppo", ppo_config(tmp_path / "ppo")),
         ("grpo", grpo_config(tmp_path / "grpo")),
         ("sft", sft_config(tmp_path / "sft", tmp_path / "demos")),
-        ("ppo", ppo_config(tmp_path / "bf16", total_env_steps=8, policy=gpu_options)),
+        ("ppo", ppo_config(tmp_path / "bf16", total_env_steps=8, kl_coef=0.05, policy=gpu_options)),
     ]
     finish(launch(tmp_path, jobs, "both"))
     return tmp_path
@@ -227,7 +227,8 @@ def test_two_processes_give_the_parameters_of_one(two_processes, tmp_path, monke
 
 def test_bf16_lora_gradient_checkpointing_and_sdpa_train_under_ddp(two_processes):
     """The GPU options, under two processes: bfloat16 weights, float32 LoRA adapters and value head (so their
-    optimizer states are float32 too), gradient checkpointing, SDPA attention."""
+    optimizer states are float32 too), gradient checkpointing, SDPA attention; with a KL penalty to the
+    LoRA-off reference."""
     policy = load_policy(str(two_processes / "bf16" / "checkpoints" / "update-000001" / "policy"))
     assert policy.config.dtype == "bfloat16" and policy.config.gradient_checkpointing
     start = load_policy("tiny", **{k: v for k, v in dataclasses.asdict(TINY).items() if k != "model"})
@@ -238,6 +239,7 @@ def test_bf16_lora_gradient_checkpointing_and_sdpa_train_under_ddp(two_processes
     state = torch.load(two_processes / "bf16" / "checkpoints" / "update-000001" / "trainer.pt", weights_only=False)
     dtypes = {str(v.dtype) for entry in state["optimizer"]["state"].values() for v in entry.values() if v.dim()}
     assert dtypes == {"torch.float32"}
+    assert read_metrics(two_processes / "bf16" / "metrics.jsonl")[-1]["losses/kl_ref"] >= 0
 
 
 def test_a_killed_two_process_run_resumes_exactly(two_processes, tmp_path):
