@@ -43,7 +43,7 @@ from agents.losses import (
 from agents.optim import GuardedStep, make_optimizer, set_learning_rate
 from agents.policy import Completion, VLMPolicy
 from agents.rollout import episode_metrics
-from agents.run import Run, RunConfig, check_rewards
+from agents.run import Run, RunConfig, check_rewards, deferred_validation
 
 
 @dataclass
@@ -102,6 +102,15 @@ class GRPOConfig(RunConfig):
     def num_groups(self) -> int:
         return self.num_envs // self.group_size
 
+    def check_world_size(self, world_size: int) -> None:
+        super().check_world_size(world_size)
+        if self.num_groups % world_size:
+            raise ConfigError(
+                f"{world_size} processes cannot share {self.num_groups} GRPO groups (num_envs={self.num_envs} / "
+                f"group_size={self.group_size}): a group plays on one rank. Use a num_envs that is a multiple of "
+                f"group_size * {world_size} = {self.group_size * world_size}."
+            )
+
     def validate(self) -> None:
         if self.group_size < 2:
             raise ConfigError(f"group_size={self.group_size}: a group needs at least 2 envs to compare returns.")
@@ -150,6 +159,28 @@ class Round:
     thoughts: list[float]
     reward_terms: dict[str, float] = dataclasses.field(default_factory=dict)
     """Each reward module's (unweighted) sum over the round's steps."""
+
+    @staticmethod
+    def join(parts: list[Round]) -> Round:
+        """One round from the rounds of consecutive blocks of groups (the ranks of a data-parallel run), laid
+        out as one process playing every group would have."""
+        if len(parts) == 1:
+            return parts[0]
+        offsets = np.cumsum([0] + [int(part.groups.max()) + 1 for part in parts[:-1]])
+        return Round(
+            completions=[c for part in parts for c in part.completions],
+            rewards=[r for part in parts for r in part.rewards],
+            states=[k for part in parts for k in part.states],
+            groups=np.concatenate([part.groups + offset for part, offset in zip(parts, offsets)]),
+            finished=[e for part in parts for e in part.finished],
+            act_seconds=max(part.act_seconds for part in parts),  # the ranks act at the same time
+            tokens=sum(part.tokens for part in parts),
+            invalid=sum(part.invalid for part in parts),
+            thoughts=[t for part in parts for t in part.thoughts],
+            reward_terms={
+                name: sum(part.reward_terms.get(name, 0.0) for part in parts) for name in parts[0].reward_terms
+            },
+        )
 
 
 def check_step_limit(config: GRPOConfig, seeds: list[int]) -> None:
@@ -332,6 +363,7 @@ def make_reference(policy: VLMPolicy, config: GRPOConfig) -> VLMPolicy | None:
     from agents.policy import load_policy
 
     options = dataclasses.asdict(config.policy)
+    options["device"] = str(policy.device)  # a data-parallel rank's own device
     frozen = load_policy(options.pop("model"), **options)
     frozen.requires_grad_(False)
     return frozen
@@ -387,7 +419,14 @@ def train(config: GRPOConfig, defaults: GRPOConfig | None = None) -> Path:
         optimizer = make_optimizer(policy, config.learning_rate)
         reference = make_reference(policy, config)
         run.restore(runner=runner, optimizer=optimizer)
-        guarded_step = GuardedStep(optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps)
+        optimizer = run.prepare(policy, optimizer)
+        guarded_step = GuardedStep(
+            optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps, parallel=run.parallel
+        )
+        # This rank's groups: a contiguous block (Run gave it the matching envs).
+        with deferred_validation():
+            local = dataclasses.replace(config, num_envs=runner.num_envs)
+        first_group = runner.first_env // config.group_size
         reward_set = run.make_rewards(config.reward, config.gamma, policy)
         # One round per update; rounds of one-step episodes would be the most, so this bounds the loop.
         max_rounds = max(1, config.total_env_steps // config.num_envs)
@@ -395,8 +434,11 @@ def train(config: GRPOConfig, defaults: GRPOConfig | None = None) -> Path:
         for update in run.updates(max_rounds, config.num_envs):
             start = time.perf_counter()
             # The rate decays with the env steps used (rounds differ in length), linearly to 0 at the budget.
-            learning_rate = set_learning_rate(optimizer, runner.steps, config.total_env_steps, config.anneal_lr)
-            trajectories = play_round(runner, policy, config, round_seeds(config, update), reward_set)
+            learning_rate = set_learning_rate(
+                optimizer, run.env_steps(runner), config.total_env_steps, config.anneal_lr
+            )
+            seeds = round_seeds(config, update)[first_group : first_group + local.num_groups]
+            trajectories = Round.join(run.gather(play_round(runner, policy, local, seeds, reward_set)))
             advantages, stats = round_advantages(trajectories, config)
 
             samples = [
@@ -421,9 +463,10 @@ def train(config: GRPOConfig, defaults: GRPOConfig | None = None) -> Path:
             )
             if trajectories.thoughts:
                 metrics["charts/thought_accuracy"] = float(np.mean(trajectories.thoughts))
-            last = runner.steps >= config.total_env_steps
+            env_steps = run.env_steps(runner)
+            last = env_steps >= config.total_env_steps
             run.end_update(
-                update, metrics, runner.steps, policy, finished=trajectories.finished, last=last,
+                update, metrics, env_steps, policy, finished=trajectories.finished, last=last,
                 runner=runner, optimizer=optimizer,
             )  # fmt: skip
             if last:

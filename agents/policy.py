@@ -547,7 +547,17 @@ class VLMPolicy(nn.Module):
         Call it on one micro-batch at a time and backpropagate before the next (see ``agents/ppo.py``).
         ``temperature``: of the distribution the log-probs are taken under; ``None`` is the sampling
         temperature (``config.temperature``), as PPO's ratios need; SFT and DPO likelihoods use 1.0.
+
+        In a data-parallel run (``Run.prepare``) a pass with gradients goes through the DDP wrapper, whose
+        ``forward`` (this policy's :meth:`forward`) hooks the gradient all-reduce into backward.
         """
+        wrapper = self.__dict__.get("_data_parallel")
+        if wrapper is not None and torch.is_grad_enabled():
+            return wrapper(completions, temperature)
+        return self.forward(completions, temperature)
+
+    def forward(self, completions: list[Completion], temperature: float | None = None) -> Evaluation:
+        """:meth:`evaluate` itself: the entry point a DDP wrapper calls."""
         if temperature is not None and temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         # transformers recomputes activations (gradient checkpointing) only in training mode; dropout was

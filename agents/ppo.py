@@ -230,8 +230,11 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
         spec = runner.spec
         optimizer = make_optimizer(policy, config.learning_rate, config.value_learning_rate)
         run.restore(runner=runner, optimizer=optimizer)
+        optimizer = run.prepare(policy, optimizer)
         trainable = [p for p in policy.parameters() if p.requires_grad]
-        guarded_step = GuardedStep(optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps)
+        guarded_step = GuardedStep(
+            optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps, parallel=run.parallel
+        )
         reward_set = run.make_rewards(config.reward, config.gamma, policy)
 
         for update in run.updates(config.num_updates, config.batch_size):
@@ -239,7 +242,7 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
             learning_rate = set_learning_rate(optimizer, update, config.num_updates, config.anneal_lr)
 
             # --- rollout: one batched act per vector step -------------------------------------------------
-            rollout = Rollout(config.num_steps, config.num_envs)
+            rollout = Rollout(config.num_steps, runner.num_envs)  # this rank's envs
             act_seconds, tokens, invalid, frames, thoughts = 0.0, 0, 0, [], []
             reward_terms: dict[str, float] = {}  # each reward module's mean per env step
             for _ in range(config.num_steps):
@@ -268,12 +271,21 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
                     reward_terms[name] = reward_terms.get(name, 0.0) + value / config.num_steps
                 rollout.add(step.completions, rewards, step.terminated, step.truncated, final_values)
             rollout.finish(policy.values(runner.observations, spec).numpy(), config.gamma, config.gae_lambda)
+            # Every rank holds the global batch from here on (see agents/parallel.py): advantage normalisation
+            # and the minibatch order are the single-process ones.
+            rollout = Rollout.join(run.gather(rollout))
 
             # --- update ---------------------------------------------------------------------------------------
             metrics = ppo_update(policy, rollout, config, run.generator, guarded_step)
 
             # --- logging ------------------------------------------------------------------------------------
-            finished = runner.stats.pop()
+            shares = run.gather((runner.stats.pop(), act_seconds, tokens, invalid, thoughts, reward_terms))
+            finished = [episode for share in shares for episode in share[0]]
+            # Every rank has as many envs, so the mean of the ranks' per-step means is the global one.
+            reward_terms = {name: float(np.mean([share[5][name] for share in shares])) for name in reward_terms}
+            act_seconds = max(share[1] for share in shares)  # the ranks act at the same time
+            tokens, invalid = sum(share[2] for share in shares), sum(share[3] for share in shares)
+            thoughts = [value for share in shares for value in share[4]]
             values, returns = rollout.values.ravel(), rollout.returns.ravel()
             variance = np.var(returns)
             metrics.update(
@@ -294,7 +306,7 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
             run.end_update(
                 update,
                 metrics,
-                runner.steps,
+                run.env_steps(runner),
                 policy,
                 finished=finished,
                 samples=_sample_rows(rollout),

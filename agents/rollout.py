@@ -92,15 +92,18 @@ class TrackedEnv(gym.Wrapper):
         return observation
 
 
-def make_vector_env(env_id: str, num_envs: int, env_kwargs: dict[str, Any] | None = None) -> gym.vector.SyncVectorEnv:
-    """``num_envs`` copies of ``env_id`` in one synchronous vector env with same-step autoreset."""
+def make_vector_env(
+    env_id: str, num_envs: int, env_kwargs: dict[str, Any] | None = None, first_index: int = 0
+) -> gym.vector.SyncVectorEnv:
+    """``num_envs`` copies of ``env_id`` in one synchronous vector env with same-step autoreset; errors name
+    each env by its index in the whole run (``first_index`` upward: a rank's envs are a slice of the run's)."""
     import envs  # noqa: F401 - registers the vlmrl environments
 
     def thunk(index: int):
         return lambda: TrackedEnv(gym.make(env_id, **(env_kwargs or {})), index)
 
     return gym.vector.SyncVectorEnv(
-        [thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        [thunk(first_index + i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
 
 
@@ -262,6 +265,7 @@ class EnvRunner:
         success_rule: SuccessRule = "terminated_positive_reward",
         on_step: Callable[[int], Any] | None = None,
         episode_seeds: Iterator[int] | None = None,
+        first_env: int = 0,
     ) -> None:
         import envs
 
@@ -272,7 +276,10 @@ class EnvRunner:
         self.invalid_rule = invalid_rule
         self.invalid_default_action = invalid_default_action
         self.on_step = on_step
-        self.vector_env = make_vector_env(env_id, num_envs, env_kwargs)
+        self.first_env = first_env
+        """Index in the whole run of this runner's env 0 (a rank's share of a data-parallel run starts there);
+        episodes it reports carry run-wide ``env`` indices."""
+        self.vector_env = make_vector_env(env_id, num_envs, env_kwargs, first_env)
         self.recorder: Any = None
         """An optional :class:`~agents.trajectories.EpisodeRecorder` that stores the episodes played."""
         if episode_seeds is None:
@@ -316,6 +323,8 @@ class EnvRunner:
             rewards, terminated, truncated, info, infos = self._step_some(indices, actions)
             reached = next_observations(self.observations, {})  # no autoreset: the observations are reached
         finished = self.stats.update(rewards, terminated, truncated, info, active)
+        for episode in finished:  # the same dicts as in self.stats.finished
+            episode["env"] += self.first_env
         cut = np.flatnonzero(truncated & ~terminated)
         final_observations = {int(i): info["final_obs"][i] for i in cut}
         self.steps += len(indices)

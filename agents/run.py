@@ -39,6 +39,8 @@ from tqdm import tqdm
 
 from agents.checkpoint import POLICY_DIR, CheckpointError, find_checkpoint, load_trainer_state, save_checkpoint
 from agents.errors import ConfigError, RunDirectoryError
+from agents.optim import OutOfMemory
+from agents.parallel import DataParallel, launched_world_size
 from agents.policy import PolicyConfig
 from agents.rollout import SUCCESS_RULES, EnvRunner, InvalidRule, SuccessRule
 from agents.tracking import RunLogger
@@ -64,6 +66,10 @@ RESUMABLE_OPTIONS = frozenset(
         "keep_checkpoints",
         "sample_every",
         "video_every",
+        # Splitting a minibatch into smaller micro-batches changes memory, not the gradient (the minibatch
+        # mean; only float summation order differs): what a run that ran out of memory resumes with.
+        "micro_batch_size",
+        "collective_timeout_s",
     }
 )
 
@@ -123,6 +129,10 @@ class RunConfig:
     """Greedy evaluation episodes at the end of training (reported as ``eval/success_rate``)."""
     progress: bool = True
     """Show a progress bar with live success rate and steps/s."""
+    collective_timeout_s: int = 1800
+    """Under a launcher (``accelerate launch``/``torchrun``): how long a rank waits for the others in a collective
+    before it fails (a hung rank stops the run instead of hanging it). It must exceed the longest pause of rank 0
+    alone: a checkpoint save, the final evaluation."""
     save_trajectories: Literal["none", "all", "successes"] = "none"
     """Store the training envs' episodes (``all``, or only ``successes``) in ``<run dir>/trajectories``, a
     trajectory store (``agents/trajectories.py``) whose ``source`` is ``run:<run dir>@update-<n>``."""
@@ -179,6 +189,21 @@ class RunConfig:
             raise ConfigError(f"Model directory {model!r} does not exist.")
         check_model_source(model)
         _check_saved_policy(self.policy)
+        if self.collective_timeout_s < 1:
+            raise ConfigError(f"collective_timeout_s must be >= 1, got {self.collective_timeout_s}.")
+
+    def check_world_size(self, world_size: int) -> None:
+        """Fail when ``world_size`` processes cannot share this run's envs; subclasses add their own units."""
+        if self.num_envs % world_size:
+            raise ConfigError(
+                f"{world_size} processes cannot share num_envs={self.num_envs} envs: each rank runs num_envs / "
+                f"world size envs. Use a num_envs that is a multiple of {world_size}, or launch "
+                f"{', '.join(str(n) for n in range(1, self.num_envs + 1) if self.num_envs % n == 0)} processes."
+            )
+        if self.save_trajectories != "none" and world_size > 1:
+            raise ConfigError(
+                "save_trajectories with several processes is not supported yet; drop it or run one process."
+            )
 
 
 def _check_saved_policy(policy: PolicyConfig) -> None:
@@ -429,9 +454,28 @@ class Run:
         self.algorithm = algorithm
         self.checkpoint_path: Path | None = None
         self.state: dict[str, Any] | None = None
+        self.directory: RunDirectory | None = None
+        self.logger: RunLogger | _NullLogger = _NullLogger()
+        self.progress: tqdm | None = None
+        # Under a launcher, every process runs this; without one, nothing below changes (``parallel`` is None).
+        self.parallel: DataParallel | None = None
+        if launched_world_size() > 1:
+            self.parallel = DataParallel(
+                cpu=config.policy.device == "cpu" or not torch.cuda.is_available(),
+                timeout_s=config.collective_timeout_s,
+            )
+        self.rank = self.parallel.rank if self.parallel else 0
+        self.world_size = self.parallel.world_size if self.parallel else 1
+        self.is_main = self.rank == 0
         if config.resume is not None:
             config = self._resume(config, defaults)
         self.config = config
+        config.check_world_size(self.world_size)
+        if self.state is not None and self.state.get("world_size", 1) != self.world_size:
+            raise ConfigError(
+                f"{self.checkpoint_path} was written by {self.state.get('world_size', 1)} process(es); resume it "
+                f"with as many (each holds its own envs' state), not {self.world_size}."
+            )
         if not config.exp_name:
             config.exp_name = algorithm
         name = f"{config.env_id.split('/')[-1]}__{config.exp_name}__{config.seed}__{int(time.time())}"
@@ -439,14 +483,27 @@ class Run:
             path = self.checkpoint_path.parent.parent
         else:
             path = Path(config.run_dir or f"runs/{name}")
-        self.directory = RunDirectory(path, new=self.state is None, overwrite=config.overwrite)
-        self.run_dir = self.directory.path
-        if self.state is not None:
+        if self.parallel is not None:
+            path = Path(self.parallel.broadcast(str(path)))  # the ranks' clocks may name the run differently
+            self.parallel.wait()  # every rank has read its checkpoint before rank 0 prunes newer ones
+        if self.is_main:  # rank 0 alone holds the directory and writes into it
+            self.directory = RunDirectory(path, new=self.state is None, overwrite=config.overwrite)
+            path = self.directory.path
+        self.run_dir = path
+        if self.is_main and self.state is not None:
             self._drop_newer_checkpoints()
-        seed_everything(config.seed)
+        # Rank r seeds its sampling with seed + r (rank 0 is a single-process run's seed). The generator that
+        # draws the minibatch order is seeded alike on every rank, so they agree on every global minibatch;
+        # under a launcher the envs draw from a generator of their own rank (invalid_rule=random).
+        seed_everything(config.seed + self.rank)
         self.generator = np.random.default_rng(config.seed)
+        self.runner_rng = self.generator if self.parallel is None else np.random.default_rng([config.seed, self.rank])
         self.update = self.state["update"] if self.state else 0
         resumed_rows = self.state["log_rows"] if self.state else None
+        if not self.is_main:
+            self.recent_success = []
+            self.global_step = self.state["global_step"] if self.state else 0
+            return
         self.logger = RunLogger(
             self.run_dir,
             {**config_to_dict(config), "algorithm": algorithm, "run_name": self.run_dir.name},
@@ -458,7 +515,6 @@ class Run:
             resume_id=self.state.get("wandb_id") if self.state else None,
             keep_rows=resumed_rows,
         )
-        self.progress: tqdm | None = None
         self.recent_success: list[float] = []
         self.global_step = self.state["global_step"] if self.state else 0
 
@@ -519,9 +575,11 @@ class Run:
         """The policy of the checkpoint being resumed, or a new one from ``config.policy``."""
         from agents.policy import load_policy
 
+        device = self.config.policy.device if self.parallel is None else str(self.parallel.device)
         if self.checkpoint_path is not None:
-            return load_policy(str(self.checkpoint_path / POLICY_DIR), device=self.config.policy.device)
+            return load_policy(str(self.checkpoint_path / POLICY_DIR), device=device)
         options = config_to_dict(self.config.policy)
+        options["device"] = device
         return load_policy(options.pop("model"), **options)
 
     def make_rewards(self, specs: list[str], gamma: float, policy):
@@ -536,20 +594,38 @@ class Run:
         )
         return RewardSet.from_specs(specs, context)
 
+    def prepare(self, policy, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Under a launcher: wrap the policy (DDP) and the optimizer with accelerate; return the optimizer to
+        step. One process: the optimizer as it is."""
+        return optimizer if self.parallel is None else self.parallel.prepare(policy, optimizer)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank in rank order (``[obj]`` in one process)."""
+        return [obj] if self.parallel is None else self.parallel.gather(obj)
+
+    def env_steps(self, runner: EnvRunner) -> int:
+        """Environment steps taken by every rank's envs together."""
+        if self.parallel is None:
+            return runner.steps
+        return int(self.parallel.sum(torch.tensor([float(runner.steps)], dtype=torch.float64)).item())
+
     def make_env_runner(self) -> EnvRunner:
         """The training envs, seeded with ``config.seed``, reporting each step to the progress bar."""
         config = self.config
+        local_envs = config.num_envs // self.world_size
+        first_env = self.rank * local_envs  # rank r runs envs r*n.., seeded as in one process
         try:
             runner = EnvRunner(
                 config.env_id,
-                config.num_envs,
+                local_envs,
                 config.env_kwargs,
-                seed=config.seed,
-                rng=self.generator,
+                seed=config.seed + first_env,
+                rng=self.runner_rng,
                 invalid_rule=config.invalid_rule,
                 invalid_default_action=config.invalid_default_action,
                 success_rule=config.success_rule,
-                on_step=self.advance,
+                on_step=lambda steps: self.advance(steps * self.world_size),
+                first_env=first_env,
             )
         except TypeError as error:
             raise ConfigError(
@@ -576,9 +652,11 @@ class Run:
         names :meth:`end_update` saved them under), then the RNG states. A new run: nothing to do."""
         if self.state is None:
             return
+        mine = self.state["ranks"][self.rank] if "ranks" in self.state else self.state
         for name, obj in stateful.items():
-            obj.load_state_dict(self.state[name])
-        restore_rng_state(self.state["rng"], self.generator)
+            obj.load_state_dict(mine[name] if isinstance(obj, EnvRunner) else self.state[name])
+        restore_rng_state(mine["rng"], self.runner_rng)
+        self.generator.bit_generator.state = self.state["rng"]["generator"]
 
     # -- the loop -------------------------------------------------------------------------------------------
     def updates(self, num_updates: int, steps_per_update: int) -> Iterator[int]:
@@ -586,7 +664,10 @@ class Run:
         self.num_updates = num_updates
         done = self.state["global_step"] if self.state else 0
         self.progress = tqdm(
-            total=num_updates * steps_per_update, initial=done, disable=not self.config.progress, unit="step"
+            total=num_updates * steps_per_update,
+            initial=done,
+            disable=not (self.config.progress and self.is_main),
+            unit="step",
         )
         for update in range(self.update, num_updates):
             self.update = update
@@ -635,8 +716,26 @@ class Run:
             self.checkpoint(update + 1, policy, **stateful)
 
     def checkpoint(self, update: int, policy, **stateful: Any) -> Path:
-        """Save checkpoint ``update`` (the number of updates done) with the whole trainer state."""
-        state = {
+        """Save checkpoint ``update`` (the number of updates done) with the whole trainer state.
+
+        Under a launcher, each rank's env runner and RNG states are gathered into ``ranks`` (rank order);
+        the rest (optimizer, the shared generator, counters) is the same on every rank and saved once.
+        """
+        if self.parallel is not None:
+            per_rank = {name: obj.state_dict() for name, obj in stateful.items() if isinstance(obj, EnvRunner)}
+            ranks = self.parallel.gather({"rng": rng_state(self.runner_rng), **per_rank})
+            stateful = {name: obj for name, obj in stateful.items() if name not in per_rank}
+            if self.is_main:
+                state = self._trainer_state(update, stateful)
+                state.update(world_size=self.world_size, ranks=ranks)
+                save_checkpoint(self.run_dir, update, policy, state, keep=self.config.keep_checkpoints)
+            self.parallel.wait()
+            return self.run_dir / "checkpoints" / f"update-{update:06d}"
+        state = self._trainer_state(update, stateful)
+        return save_checkpoint(self.run_dir, update, policy, state, keep=self.config.keep_checkpoints)
+
+    def _trainer_state(self, update: int, stateful: dict[str, Any]) -> dict[str, Any]:
+        return {
             "format": CHECKPOINT_FORMAT,
             "algorithm": self.algorithm,
             "experiment": self.config.experiment,
@@ -648,7 +747,6 @@ class Run:
             "log_rows": self.logger.rows(),
             **{name: obj.state_dict() for name, obj in stateful.items()},
         }
-        return save_checkpoint(self.run_dir, update, policy, state, keep=self.config.keep_checkpoints)
 
     def evaluate(self, policy) -> dict[str, float]:
         """Greedy evaluation on ``eval_episodes`` held-out seeds (10,000 + seed upward: never a training
@@ -656,6 +754,8 @@ class Run:
         from agents.evaluation import evaluate_policy
 
         config = self.config
+        if not self.is_main:  # rank 0 evaluates and logs; the others go on to the next collective
+            return {}
         return evaluate_policy(
             policy,
             config.env_id,
@@ -672,22 +772,27 @@ class Run:
         if self.progress is not None:
             self.progress.close()
         if runner is not None:
-            global_step = runner.steps
+            global_step = self.env_steps(runner)
             runner.close()
-        if self.config.eval_episodes:
+        if self.config.eval_episodes and self.is_main:
             self.logger.log(eval_metrics(self.evaluate(policy)), global_step or 0)
         self.logger.finish()
-        self.directory.release()
+        if self.parallel is not None:
+            self.parallel.wait()  # no rank leaves (and tears the process group down) before rank 0 is done
+        self.release()
         return self.run_dir
 
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
+    def __exit__(self, exc_type: object, error: BaseException | None, *exc: object) -> None:
         # A new run that fails before its first checkpoint (bad data, options the env does not take...)
         # leaves nothing behind: its directory would otherwise block the same --run-dir next time.
         failed_at_start = (
-            exc_type is not None and self.state is None and not any((self.run_dir / "checkpoints").glob("update-*"))
+            exc_type is not None
+            and self.is_main
+            and self.state is None
+            and not any((self.run_dir / "checkpoints").glob("update-*"))
         )
         self.close()
         if failed_at_start:
@@ -695,10 +800,40 @@ class Run:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             with contextlib.suppress(OSError):
                 self.run_dir.rmdir()
+        if isinstance(error, OutOfMemory):
+            # Said once, without a traceback: what to resume with. The checkpoints are untouched.
+            checkpoints = sorted((self.run_dir / "checkpoints").glob("update-*"))
+            where = (
+                f"The last checkpoint ({checkpoints[-1].name}) is intact: resume with `--resume {self.run_dir} "
+                f"--micro-batch-size {error.smaller}`."
+                if checkpoints and error.smaller
+                else f"No checkpoint was written yet: start again with --micro-batch-size {error.smaller}."
+                if error.smaller
+                else ""
+            )
+            raise OutOfMemory(f"{error.args[0]}. {where}".strip(), error.micro_batch_size, error.smaller) from None
 
     def close(self) -> None:
         """Release the run directory (after a failure too: ``with Run(...) as run`` does it)."""
         if self.progress is not None:
             self.progress.close()
         self.logger.close()
-        self.directory.release()
+        self.release()
+
+    def release(self) -> None:
+        if self.directory is not None:
+            self.directory.release()
+
+
+class _NullLogger:
+    """The logger of ranks other than 0: rank 0 alone writes logs, samples and videos."""
+
+    wandb_id = None
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    log_samples = log_video = finish = close = log
+
+    def rows(self) -> dict[str, int]:
+        return {}

@@ -199,8 +199,14 @@ def train(config: SFTConfig, defaults: SFTConfig | None = None) -> Path:
         num_updates = config.epochs * batches.per_epoch
         optimizer = make_optimizer(policy, config.learning_rate)
         run.restore(optimizer=optimizer, batches=batches)
+        # The loss has no value term: the value head gets no gradient (AdamW skips it; it stays in the
+        # optimizer's groups, so checkpoints keep their layout), and DDP must not wait for one.
+        policy.value_head.requires_grad_(False)
+        optimizer = run.prepare(policy, optimizer)
         trainable = [p for p in policy.parameters() if p.requires_grad]
-        guarded_step = GuardedStep(optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps)
+        guarded_step = GuardedStep(
+            optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps, parallel=run.parallel
+        )
         samples_seen = run.global_step  # demonstration steps trained on so far (0 for a new run)
 
         for update in run.updates(num_updates, config.batch_size):

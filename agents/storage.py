@@ -109,6 +109,28 @@ class Rollout:
             self.rewards, self.values, self.next_values, self.terminated, self.truncated, gamma, gae_lambda
         )
 
+    @staticmethod
+    def join(parts: list[Rollout]) -> Rollout:
+        """One rollout from finished rollouts of consecutive blocks of envs (the ranks of a data-parallel run),
+        laid out as one process running all the envs would have (env index = block offset + local index)."""
+        if len(parts) == 1:
+            return parts[0]
+        joined = Rollout(parts[0].num_steps, sum(part.num_envs for part in parts))
+        joined.completions = [[c for part in parts for c in part.completions[t]] for t in range(joined.num_steps)]
+        for name in (
+            "rewards",
+            "terminated",
+            "truncated",
+            "values",
+            "logprobs",
+            "next_values",
+            "advantages",
+            "returns",
+        ):
+            setattr(joined, name, np.concatenate([getattr(part, name) for part in parts], axis=1))
+        joined.step = parts[0].step
+        return joined
+
     def flat(self) -> tuple[list[Completion], dict[str, torch.Tensor]]:
         """All transitions, step-major, with their tensors (for minibatching)."""
         completions = [c for step in self.completions for c in step]
