@@ -856,6 +856,23 @@ class EpisodeRecorder:
         self.episodes_written = state["episodes_written"]
 
 
+def _load_collecting_policy(source: str, device: str, prompt_style: str | None):
+    """The policy that collects; ``prompt_style`` (if given) must be the saved policy's own, and sets a
+    preset's."""
+    from agents.policy import POLICY_FILE, load_policy
+
+    saved = Path(source) / POLICY_FILE
+    if prompt_style is not None and saved.exists():
+        own = json.loads(saved.read_text())["config"]["prompt_style"]
+        if own != prompt_style:
+            raise ValueError(
+                f"The policy at {source} was trained to write {own} answers; drop --prompt-style or pass "
+                f"--prompt-style {own}."
+            )
+    options = {"device": device} if prompt_style is None else {"device": device, "prompt_style": prompt_style}
+    return load_policy(source, **options)
+
+
 def collect_policy(
     model: str,
     env_id: str,
@@ -868,23 +885,25 @@ def collect_policy(
     num_envs: int = 8,
     device: str = "auto",
     shard_size: int = DEFAULT_SHARD_SIZE,
+    prompt_style: str | None = None,
 ) -> dict[str, Any]:
     """Play ``episodes`` episodes with a policy (``model``: a run directory, a policy directory or a preset)
     and append them to the store at ``path``, with ``source`` the resolved policy directory.
 
     Every episode starts from its own seed, and exactly the seeds ``seed .. seed + episodes - 1`` are stored
     (envs that reset after those are handed out play on, unstored, until the last wanted episode ends), so
-    short episodes are not favoured.
+    short episodes are not favoured. ``prompt_style`` sets a preset's answer style; for a saved policy it
+    must be its own (or ``None``).
     """
     import itertools
 
-    from agents.policy import load_policy, resolve_policy_directory
+    from agents.policy import resolve_policy_directory
     from agents.rollout import EnvRunner
 
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}.")
     source = resolve_policy_directory(model)
-    policy = load_policy(source, device=device)
+    policy = _load_collecting_policy(source, device, prompt_style)
     start = time.perf_counter()
     runner = EnvRunner(
         env_id,
@@ -981,6 +1000,7 @@ def collect_branches(
     seed: int = 0,
     device: str = "auto",
     shard_size: int = DEFAULT_SHARD_SIZE,
+    prompt_style: str | None = None,
 ) -> dict[str, Any]:
     """Per seed, one sampled episode of the policy and, from each of its first ``branch_steps`` steps
     (all by default), ``branch`` more episodes that repeat its steps up to there and answer that step anew
@@ -999,7 +1019,7 @@ def collect_branches(
     """
     import gymnasium as gym
 
-    from agents.policy import load_policy, resolve_policy_directory
+    from agents.policy import resolve_policy_directory
     from envs import get_language
 
     if episodes < 1 or branch < 1:
@@ -1008,7 +1028,7 @@ def collect_branches(
         raise ValueError(f"branch_steps={branch_steps}: branch from at least the first step (or pass None: all).")
     if isinstance(model, str):
         source = resolve_policy_directory(model)
-        policy = load_policy(source, device=device)
+        policy = _load_collecting_policy(source, device, prompt_style)
     else:
         policy, source = model, str(getattr(getattr(model, "config", None), "model", "policy"))
     spec = get_language(env_id)

@@ -47,8 +47,10 @@ class CollectConfig:
     """Episodes to play, with seeds seed .. seed + episodes - 1."""
     seed: int = 0
     """Reset seed of the first episode."""
-    prompt_style: Literal["cot", "action"] = "cot"
-    """Answer format: a JSON object with thoughts (the expert's rationale) and action, or the action name."""
+    prompt_style: Literal["cot", "action"] | None = None
+    """Answer format: a JSON object with thoughts and action, or the action name. ``--expert``: ``cot`` unless
+    given (the thoughts are the expert's rationale). ``--model``: the saved policy's own (giving another is an
+    error); a preset answers in the style given here (default ``cot``)."""
     shard_size: int = DEFAULT_SHARD_SIZE
     """Steps per shard (whole episodes per shard); a killed collection loses at most the shard in progress."""
 
@@ -82,6 +84,7 @@ def main(config: CollectConfig) -> dict:
             seed=config.seed,
             device=config.device,
             shard_size=config.shard_size,
+            prompt_style=config.prompt_style,
         )
     elif config.model is not None:
         summary = collect_policy(
@@ -95,6 +98,7 @@ def main(config: CollectConfig) -> dict:
             num_envs=config.num_envs,
             device=config.device,
             shard_size=config.shard_size,
+            prompt_style=config.prompt_style,
         )
     else:
         summary = collect_expert(
@@ -103,7 +107,7 @@ def main(config: CollectConfig) -> dict:
             episodes=config.episodes,
             env_kwargs=experiment.env_kwargs(),
             seed=config.seed,
-            prompt_style=config.prompt_style,
+            prompt_style=config.prompt_style or "cot",
             shard_size=config.shard_size,
         )
     print(json.dumps(summary, indent=2))

@@ -447,3 +447,13 @@ def test_successes_only_and_a_policy_as_the_collector(tmp_path, cli_fails):
     cli_fails(
         ["collect", "gridworld", "--expert", "--model", str(run_dir), "--out", str(tmp_path / "x")], "one of the two"
     )
+    style = json.loads((run_dir / "config.json").read_text())["policy"]["prompt_style"]
+    other = "cot" if style == "action" else "action"
+    cli_fails(
+        ["collect", "gridworld", "--model", str(run_dir), "--prompt-style", other, "--out", str(tmp_path / "y")],
+        f"trained to write {style} answers",
+    )
+    # A preset answers in the style asked for (it used to answer cot whatever --prompt-style said).
+    preset = tmp_path / "preset"
+    main(["collect", "gridworld", "--model", "tiny", "--prompt-style", other, "--episodes", "1", "--out", str(preset)])
+    assert set(load_trajectories(preset)["prompt_style"]) == {other}
