@@ -106,6 +106,12 @@ class DPOConfig(RunConfig):
     round_epochs: int = 1
     """Passes over a round's pairs."""
 
+    def check_world_size(self, world_size: int) -> None:
+        if world_size > 1:
+            raise ConfigError(
+                f"DPO runs in one process for now ({world_size} were launched): start it without a launcher."
+            )
+
     def validate(self) -> None:
         model = self.policy.model
         if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
