@@ -355,6 +355,14 @@ class TabletopEnv(LanguageEnv):
         """Hook to keep the gripper out of what it must not press into (Push: the top of the box)."""
         return target
 
+    def expert_continuous_action(self) -> np.ndarray:
+        """The scripted expert's move as a continuous action (float32, in ``continuous_action_space``).
+
+        By default the discrete expert's move, ``DIRECTIONS[expert_action()]`` (the same displacement, since
+        discrete action ``i`` is the continuous action ``DIRECTIONS[i]``); Reach moves straight at the ball.
+        """
+        return DIRECTIONS[self.expert_action()].astype(np.float32)
+
     def _potential_info(self) -> dict[str, float]:
         """``{"potential": phi(state)}`` for an env with a ``potential()`` method (Reach), else nothing."""
         potential = getattr(self, "potential", None)
@@ -627,6 +635,12 @@ class ReachEnv(TabletopEnv):
         gap = self.target_pos - self.gripper_pos
         axis = int(np.argmax(np.abs(gap)))
         return action_along(axis, gap[axis])
+
+    def expert_continuous_action(self) -> np.ndarray:
+        """Straight at the ball: the gap in units of ``MAX_STEP_M``, each axis clipped to [-1, 1] (a gap of
+        under 4 cm along an axis is closed in one step)."""
+        gap = self.target_pos - self.gripper_pos
+        return np.clip(gap / MAX_STEP_M, -1.0, 1.0).astype(np.float32)
 
     def expert_rationale(self) -> str:
         gap = self.target_pos - self.gripper_pos
