@@ -32,7 +32,15 @@ Columns (:data:`COLUMNS`), one row per step:
   step to the end of the episode; discount it yourself if you need to), ``episode_return``,
   ``episode_length``, ``success`` (of the episode);
 * ``source`` (``"expert"``, a checkpoint path, or ``"run:<run dir>@update-<n>"``) and ``logprob`` (the
-  policy's sequence log-prob of the answer when a policy wrote it, else None).
+  policy's sequence log-prob of the answer when a policy wrote it, else None);
+* ``continuous_action`` (schema version 2): the continuous action the env was stepped with
+  (``step_continuous``, e.g. Reach's and Push's end-effector displacement), else None. In such a row
+  ``action``, ``action_name`` and ``answer`` still hold a discrete action: the discrete expert's choice at
+  the same state (``vlmrl collect --expert --continuous``), or the discrete move nearest the continuous one
+  (an action-head policy's episodes).
+
+Stores of schema version 1 (without ``continuous_action``) load as they are, the column read as None, and a
+writer that appends to one marks it version 2.
 """
 
 from __future__ import annotations
@@ -57,7 +65,9 @@ import pyarrow.parquet as pq
 from datasets.table import InMemoryTable
 
 #: Version of the row schema below; bump it when a column is added, removed or changes meaning.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions :func:`load_trajectories` reads: version 1 lacks ``continuous_action`` (read as None).
+READABLE_SCHEMA_VERSIONS = (1, 2)
 STORE_FORMAT = "vlmrl-trajectories"
 STORE_FILE = "store.json"
 LOCK_FILE = "store.lock"
@@ -95,6 +105,7 @@ FEATURES = datasets.Features(
         "success": datasets.Value("bool"),
         "source": datasets.Value("string"),
         "logprob": datasets.Value("float64"),
+        "continuous_action": datasets.Sequence(datasets.Value("float32")),
     }
 )
 #: Every column of a store, in order.
@@ -140,6 +151,8 @@ class StepRecord:
     """The policy's sequence log-prob of the answer, when a policy wrote it."""
     success: bool = False
     """``info["success"]`` after this step; the last step's value is the episode's success."""
+    continuous_action: list[float] | None = None
+    """The continuous action the env was stepped with (``step_continuous``), else None."""
 
 
 def new_episode_id(env_id: str, seed: int) -> str:
@@ -242,6 +255,9 @@ def episode_rows(
                 "success": episode_success,
                 "source": source,
                 "logprob": None if step.logprob is None else float(step.logprob),
+                "continuous_action": None
+                if step.continuous_action is None
+                else [float(value) for value in np.asarray(step.continuous_action, dtype=np.float32).ravel()],
             }
         )
     return rows
@@ -265,6 +281,8 @@ def _check_step(step: StepRecord, index: int, action_names: tuple[str, ...]) -> 
             )
     elif not step.invalid_reason:
         raise ValueError(f"{where}: action -1 (invalid) needs an invalid_reason saying why.")
+    if step.continuous_action is not None and not np.all(np.isfinite(np.asarray(step.continuous_action, float))):
+        raise ValueError(f"{where}: continuous_action {step.continuous_action} is not finite.")
     if not math.isfinite(step.reward):
         raise ValueError(f"{where}: reward {step.reward} is not finite.")
     if step.reward_parts is not None:
@@ -300,10 +318,10 @@ def _read_store_file(root: Path) -> dict[str, Any]:
         raise ValueError(f"{root / STORE_FILE} cannot be read ({error}); is {root} a trajectory store?") from None
     if info.get("format") != STORE_FORMAT:
         raise ValueError(f"{root} is not a trajectory store: {STORE_FILE} has format {info.get('format')!r}.")
-    if info.get("schema_version") != SCHEMA_VERSION:
+    if info.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         raise ValueError(
-            f"{root} holds schema version {info.get('schema_version')}, this code reads and writes version "
-            f"{SCHEMA_VERSION}; write a new store or convert this one."
+            f"{root} holds schema version {info.get('schema_version')}, this code reads versions "
+            f"{READABLE_SCHEMA_VERSIONS} and writes {SCHEMA_VERSION}; write a new store or convert this one."
         )
     return info
 
@@ -394,7 +412,10 @@ class TrajectoryWriter:
             self._lock_file.write(f"{os.getpid()}\n")
             self._lock_file.flush()
             if (root / STORE_FILE).exists():
-                _read_store_file(root)
+                info = _read_store_file(root)
+                if info["schema_version"] != SCHEMA_VERSION:  # older shards stay readable (see load_trajectories)
+                    info = {**info, "schema_version": SCHEMA_VERSION, "columns": list(COLUMNS)}
+                    _write_atomically(root / STORE_FILE, lambda file: file.write(json.dumps(info, indent=2).encode()))
             else:
                 info = {"format": STORE_FORMAT, "schema_version": SCHEMA_VERSION, "columns": list(COLUMNS)}
                 _write_atomically(root / STORE_FILE, lambda file: file.write(json.dumps(info, indent=2).encode()))
@@ -498,6 +519,14 @@ class TrajectoryWriter:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _upgrade_shard(table: pa.Table) -> pa.Table:
+    """A shard of schema version 1 (no ``continuous_action``) with that column added as nulls."""
+    if "continuous_action" in table.schema.names or table.schema.names != list(COLUMNS[:-1]):
+        return table
+    column_type = FEATURES.arrow_schema.field("continuous_action").type
+    return table.append_column("continuous_action", pa.nulls(table.num_rows, type=column_type))
+
+
 def load_trajectories(path: str | os.PathLike, skip_bad_shards: bool = False) -> datasets.Dataset:
     """Every step of the store at ``path`` as one ``datasets.Dataset``, in shard order.
 
@@ -519,7 +548,7 @@ def load_trajectories(path: str | os.PathLike, skip_bad_shards: bool = False) ->
     tables = []
     for _, shard in _shard_files(root):
         try:
-            table = pq.read_table(shard)
+            table = _upgrade_shard(pq.read_table(shard))
             if not table.schema.equals(expected, check_metadata=False):
                 raise ValueError(f"its columns {table.schema.names} are not the store's {list(COLUMNS)}")
         except (pa.ArrowException, OSError, ValueError) as error:
@@ -644,9 +673,15 @@ def collect_expert(
     seed: int = 0,
     prompt_style: str = "cot",
     shard_size: int = DEFAULT_SHARD_SIZE,
+    continuous: bool = False,
 ) -> dict[str, Any]:
     """Play ``episodes`` episodes (seeds ``seed .. seed + episodes - 1``) with the environment's scripted
     expert and append them to the store at ``path`` with ``source="expert"``.
+
+    ``continuous``: step the env with its continuous expert (``expert_continuous_action`` through
+    ``step_continuous``, e.g. Reach and Push) and store that action in ``continuous_action``; ``action`` and
+    the answer then hold the discrete expert's choice at the same state. The env's own step limit applies
+    (``step_continuous`` bypasses Gymnasium's ``TimeLimit``; Reach and Push truncate themselves).
 
     The answer is ``envs.format_answer(name, thoughts=expert_rationale(), style="cot")`` for the ``"cot"``
     style (the rationale is taken before the step) and the bare action name for ``"action"``. Returns
@@ -667,6 +702,12 @@ def collect_expert(
     if not callable(getattr(env.unwrapped, "expert_action", None)):
         env.close()
         raise ValueError(f"{env_id} has no scripted expert (env.unwrapped.expert_action); nothing to collect.")
+    if continuous and not has_continuous_actions(env):
+        env.close()
+        raise ValueError(
+            f"{env_id} has no continuous action space with an expert for it (env.unwrapped.continuous_action_space, "
+            "step_continuous and expert_continuous_action); collect without --continuous."
+        )
     start = time.perf_counter()
     successes_seen, returns, total_steps = [], [], 0
     with TrajectoryWriter(path, shard_size=shard_size) as writer:
@@ -680,7 +721,12 @@ def collect_expert(
                 thoughts = env.unwrapped.expert_rationale() if prompt_style == "cot" else None
                 answer = format_answer(name, thoughts=thoughts, style=prompt_style)
                 image, text = np.array(observation["image"], copy=True), observation["text"]
-                observation, reward, terminated, truncated, info = env.step(action)
+                if continuous:
+                    continuous_action = np.asarray(env.unwrapped.expert_continuous_action(), dtype=np.float32)
+                    observation, reward, terminated, truncated, info = env.unwrapped.step_continuous(continuous_action)
+                else:
+                    continuous_action = None
+                    observation, reward, terminated, truncated, info = env.step(action)
                 done = bool(terminated or truncated)
                 steps.append(
                     StepRecord(
@@ -694,6 +740,7 @@ def collect_expert(
                         thoughts=thoughts,
                         action_name=name,
                         success=bool(info.get("success", False)),
+                        continuous_action=None if continuous_action is None else continuous_action.tolist(),
                     )
                 )
             writer.add_episode(
@@ -720,6 +767,15 @@ def collect_expert(
     }
 
 
+def has_continuous_actions(env: Any) -> bool:
+    """Whether an env (or its wrapper) offers continuous actions with a scripted expert for them:
+    ``continuous_action_space``, ``step_continuous`` and ``expert_continuous_action`` on ``env.unwrapped``."""
+    inner = getattr(env, "unwrapped", env)
+    return all(
+        hasattr(inner, name) for name in ("continuous_action_space", "step_continuous", "expert_continuous_action")
+    )
+
+
 __all__ = [
     "COLUMNS",
     "FEATURES",
@@ -732,6 +788,7 @@ __all__ = [
     "episode_rows",
     "episodes",
     "from_source",
+    "has_continuous_actions",
     "load_trajectories",
     "new_episode_id",
     "successes",

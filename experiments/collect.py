@@ -4,6 +4,7 @@
     vlmrl collect blackjack --expert --episodes 1000 --out data/blackjack-expert --prompt-style action
     vlmrl collect blackjack --model runs/<run> --episodes 200 --out data/blackjack-policy
     vlmrl collect gridworld --model runs/<run> --episodes 20 --branch 2 --out data/gridworld-branches
+    vlmrl collect reach --expert --continuous --episodes 200 --out data/reach-continuous
 
 The environment and its options are those of the named experiment (``vlmrl train <experiment>``), so the
 store matches what that experiment trains on. Running the command again with the same ``--out`` appends.
@@ -53,6 +54,10 @@ class CollectConfig:
     error); a preset answers in the style given here (default ``cot``)."""
     shard_size: int = DEFAULT_SHARD_SIZE
     """Steps per shard (whole episodes per shard); a killed collection loses at most the shard in progress."""
+    continuous: bool = False
+    """With ``--expert``: play the env's continuous expert through ``step_continuous`` (Reach, Push) and store
+    each step's continuous action in the ``continuous_action`` column, for an action-head policy
+    (``--algo ire-vla``)."""
 
 
 def main(config: CollectConfig) -> dict:
@@ -68,6 +73,8 @@ def main(config: CollectConfig) -> dict:
             "play a policy (one of the two)."
         )
     experiment = experiment_config(config.experiment)
+    if config.continuous and not config.expert:
+        raise ValueError("--continuous plays the scripted expert's continuous actions: pass --expert with it.")
     if config.branch and config.model is None:
         raise ValueError("--branch replays a policy's episodes: pass --model RUN_OR_DIR with it.")
     if config.branch < 0:
@@ -109,6 +116,7 @@ def main(config: CollectConfig) -> dict:
             seed=config.seed,
             prompt_style=config.prompt_style or "cot",
             shard_size=config.shard_size,
+            continuous=config.continuous,
         )
     print(json.dumps(summary, indent=2))
     return summary
