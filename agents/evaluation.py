@@ -45,6 +45,7 @@ def evaluate_policy(
         rng=np.random.default_rng(seed),
         invalid_default_action=invalid_default_action,
         success_rule=success_rule,
+        continuous=bool(getattr(policy, "continuous", False)),  # an action-head policy (agents/vla.py)
     )
     done_per_env = np.zeros(num_envs, dtype=int)
     results: list[dict[str, float]] = []

@@ -6,6 +6,8 @@ statistics*. Around it:
 
 * :func:`make_vector_env` builds the vector env (same-step autoreset, so every step is a real transition
   and the final observation of a truncated episode is at hand for bootstrapping; errors name the env);
+  with ``continuous=True`` each env is stepped through its ``step_continuous`` (:class:`ContinuousActions`),
+  for a policy whose actions are vectors (``agents/vla.py``);
 * :func:`env_actions` turns parsed answers into environment actions under an explicit invalid-answer rule;
 * :class:`EpisodeStats` keeps per-env returns, lengths and successes of finished episodes;
 * :class:`TrackedEnv` records how each env's current episode began and which actions it took, so a
@@ -92,15 +94,48 @@ class TrackedEnv(gym.Wrapper):
         return observation
 
 
+class ContinuousActions(gym.Wrapper):
+    """Step an env with continuous actions: ``step(action)`` is ``env.unwrapped.step_continuous(action)`` and
+    the action space is ``env.unwrapped.continuous_action_space`` (Reach and Push).
+
+    ``step_continuous`` is the env's own method, so Gymnasium's wrappers from ``gym.make`` (``TimeLimit``,
+    the order and passive checkers) are bypassed: the env must end its episodes itself, as Reach and Push do
+    (they truncate at their own ``max_steps``, which equals their registered limit).
+    """
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        inner = env.unwrapped
+        if not (hasattr(inner, "continuous_action_space") and callable(getattr(inner, "step_continuous", None))):
+            name = env.spec.id if env.spec is not None else type(inner).__name__
+            raise ValueError(
+                f"{name} has no continuous action space (env.unwrapped.continuous_action_space and "
+                "step_continuous); use a discrete action head."
+            )
+        self.action_space = inner.continuous_action_space
+
+    def step(self, action: Any):
+        return self.env.unwrapped.step_continuous(np.asarray(action, dtype=np.float64))
+
+
 def make_vector_env(
-    env_id: str, num_envs: int, env_kwargs: dict[str, Any] | None = None, first_index: int = 0
+    env_id: str,
+    num_envs: int,
+    env_kwargs: dict[str, Any] | None = None,
+    first_index: int = 0,
+    continuous: bool = False,
 ) -> gym.vector.SyncVectorEnv:
     """``num_envs`` copies of ``env_id`` in one synchronous vector env with same-step autoreset; errors name
-    each env by its index in the whole run (``first_index`` upward: a rank's envs are a slice of the run's)."""
+    each env by its index in the whole run (``first_index`` upward: a rank's envs are a slice of the run's).
+    ``continuous``: step each env with vectors through :class:`ContinuousActions`."""
     import envs  # noqa: F401 - registers the vlmrl environments
 
     def thunk(index: int):
-        return lambda: TrackedEnv(gym.make(env_id, **(env_kwargs or {})), index)
+        def make() -> gym.Env:
+            env = gym.make(env_id, **(env_kwargs or {}))
+            return TrackedEnv(ContinuousActions(env) if continuous else env, index)
+
+        return make
 
     return gym.vector.SyncVectorEnv(
         [thunk(first_index + i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
@@ -266,6 +301,7 @@ class EnvRunner:
         on_step: Callable[[int], Any] | None = None,
         episode_seeds: Iterator[int] | None = None,
         first_env: int = 0,
+        continuous: bool = False,
     ) -> None:
         import envs
 
@@ -279,7 +315,9 @@ class EnvRunner:
         self.first_env = first_env
         """Index in the whole run of this runner's env 0 (a rank's share of a data-parallel run starts there);
         episodes it reports carry run-wide ``env`` indices."""
-        self.vector_env = make_vector_env(env_id, num_envs, env_kwargs, first_env)
+        self.continuous = continuous
+        """The envs take continuous actions (a policy whose ``act`` gives vectors, ``agents/vla.py``)."""
+        self.vector_env = make_vector_env(env_id, num_envs, env_kwargs, first_env, continuous)
         self.recorder: Any = None
         """An optional :class:`~agents.trajectories.EpisodeRecorder` that stores the episodes played."""
         if episode_seeds is None:
@@ -308,10 +346,17 @@ class EnvRunner:
         completions: list[Completion | None] = [None] * self.num_envs
         for index, completion in zip(indices, answered):
             completions[index] = completion
-        actions, invalid = np.zeros(self.num_envs, dtype=np.int64), np.zeros(self.num_envs, dtype=bool)
-        actions[indices], invalid[indices] = env_actions(
-            answered, self.invalid_rule, self.invalid_default_action, len(self.spec.action_names), self.rng
-        )
+        invalid = np.zeros(self.num_envs, dtype=bool)
+        if self.continuous:  # an action head's vectors: always valid
+            space = self.vector_env.single_action_space
+            actions = np.zeros((self.num_envs, *space.shape), dtype=space.dtype)
+            for index, completion in zip(indices, answered):
+                actions[index] = completion.action
+        else:
+            actions = np.zeros(self.num_envs, dtype=np.int64)
+            actions[indices], invalid[indices] = env_actions(
+                answered, self.invalid_rule, self.invalid_default_action, len(self.spec.action_names), self.rng
+            )
         thoughts_true = self._check_thoughts(completions, getattr(policy, "config", None))
         episode_seeds = [env.episode["seed"] for env in self.vector_env.envs]
         episode_steps = self.stats.lengths.copy()

@@ -609,8 +609,9 @@ class Run:
             return runner.steps
         return int(self.parallel.sum(torch.tensor([float(runner.steps)], dtype=torch.float64)).item())
 
-    def make_env_runner(self) -> EnvRunner:
-        """The training envs, seeded with ``config.seed``, reporting each step to the progress bar."""
+    def make_env_runner(self, continuous: bool = False) -> EnvRunner:
+        """The training envs, seeded with ``config.seed``, reporting each step to the progress bar
+        (``continuous``: stepped with vectors, for an action-head policy)."""
         config = self.config
         local_envs = config.num_envs // self.world_size
         first_env = self.rank * local_envs  # rank r runs envs r*n.., seeded as in one process
@@ -626,6 +627,7 @@ class Run:
                 success_rule=config.success_rule,
                 on_step=lambda steps: self.advance(steps * self.world_size),
                 first_env=first_env,
+                continuous=continuous,
             )
         except TypeError as error:
             raise ConfigError(
