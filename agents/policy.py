@@ -730,7 +730,8 @@ def resolve_policy_directory(name_or_path: str) -> str:
 
 def load_policy(name_or_path: str = "tiny", **options: Any) -> VLMPolicy:
     """Build a policy from a preset, hub id, model directory, a directory written by ``save``, or a run
-    directory (its newest intact checkpoint's policy: how PPO starts from an SFT run).
+    directory (its newest intact checkpoint's policy: how PPO starts from an SFT run). A directory saved by
+    an action-head policy (it holds ``vla.json``, ``agents/vla.py``) loads as that policy.
 
     >>> policy = load_policy("tiny", prompt_style="action", constrained=True)
     >>> import envs, gymnasium as gym
@@ -740,6 +741,17 @@ def load_policy(name_or_path: str = "tiny", **options: Any) -> VLMPolicy:
     >>> completion.valid, completion.text in envs.get_language("vlmrl/GridWorld-v0").action_names
     (True, True)
     """
+    directory = resolve_policy_directory(name_or_path)
+    if (Path(directory) / "vla.json").exists():
+        from agents.vla import load_vla_policy
+
+        return load_vla_policy(directory, **options)
+    return load_text_policy(directory, **options)
+
+
+def load_text_policy(name_or_path: str = "tiny", **options: Any) -> VLMPolicy:
+    """:func:`load_policy` for a text policy (:class:`VLMPolicy`), whatever the directory holds besides: also
+    the backbone of an action-head policy."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     known = {f.name for f in fields(PolicyConfig)}

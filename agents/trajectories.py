@@ -35,9 +35,10 @@ Columns (:data:`COLUMNS`), one row per step:
   policy's sequence log-prob of the answer when a policy wrote it, else None);
 * ``continuous_action`` (schema version 2): the continuous action the env was stepped with
   (``step_continuous``, e.g. Reach's and Push's end-effector displacement), else None. In such a row
-  ``action``, ``action_name`` and ``answer`` still hold a discrete action: the discrete expert's choice at
-  the same state (``vlmrl collect --expert --continuous``), or the discrete move nearest the continuous one
-  (an action-head policy's episodes).
+  ``action``, ``action_name`` and ``answer`` hold the discrete expert's choice at the same state
+  (``vlmrl collect --expert --continuous``); in an action-head policy's episodes (``agents/vla.py``) the
+  answer is the vector written out, ``action`` is -1, ``valid`` False and ``invalid_reason``
+  :data:`CONTINUOUS_REASON`: the step named no discrete action.
 
 Stores of schema version 1 (without ``continuous_action``) load as they are, the column read as None, and a
 writer that appends to one marks it version 2.
@@ -68,6 +69,8 @@ from datasets.table import InMemoryTable
 SCHEMA_VERSION = 2
 #: Versions :func:`load_trajectories` reads: version 1 lacks ``continuous_action`` (read as None).
 READABLE_SCHEMA_VERSIONS = (1, 2)
+#: ``invalid_reason`` of a step whose action was continuous (an action head's): it names no discrete action.
+CONTINUOUS_REASON = "continuous action (see continuous_action)"
 STORE_FORMAT = "vlmrl-trajectories"
 STORE_FILE = "store.json"
 LOCK_FILE = "store.lock"
@@ -860,20 +863,24 @@ class EpisodeRecorder:
             if records is None:
                 continue
             reward = float(step.rewards[index])
+            # An action head's continuous action names no discrete action (see the module docstring).
+            continuous = isinstance(completion.action, np.ndarray)
+            discrete = None if completion.action is None or continuous else int(completion.action)
             records.append(
                 StepRecord(
                     image=np.asarray(step.observations["image"][index]),
                     step_text=str(step.observations["text"][index]),
                     answer=completion.text,
-                    action=-1 if completion.action is None else int(completion.action),
+                    action=-1 if discrete is None else discrete,
                     reward=reward,
                     terminated=bool(step.terminated[index]),
                     truncated=bool(step.truncated[index]),
                     thoughts=extract_thoughts(completion.text) if self.prompt_style == "cot" else None,
-                    action_name=None if completion.action is None else completion.action_names[completion.action],
-                    invalid_reason=completion.reason if completion.action is None else None,
+                    action_name=None if discrete is None else completion.action_names[discrete],
+                    invalid_reason=CONTINUOUS_REASON if continuous else completion.reason if discrete is None else None,
                     reward_parts={"env": reward},
                     logprob=float(completion.logprob),
+                    continuous_action=completion.action.tolist() if continuous else None,
                 )
             )
             if index in finished:
