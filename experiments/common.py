@@ -29,6 +29,7 @@ ALGORITHMS: dict[str, tuple[str, str]] = {
     "sft": ("agents.sft", "SFTConfig"),
     "grpo": ("agents.grpo", "GRPOConfig"),
     "dpo": ("agents.dpo", "DPOConfig"),
+    "ire-vla": ("agents.ire_vla", "IReVLAConfig"),
 }
 
 #: Defaults of each algorithm for the experiments: sized for the randomly initialised ``tiny`` preset on a
@@ -66,6 +67,11 @@ CPU_DEFAULTS: dict[str, dict[str, Any]] = {
         "eval_episodes": 200,
         # Chain-of-thought answers under constrained decoding, as the RL stage that follows will act.
         "policy": PolicyConfig(model="tiny", prompt_style="cot", constrained=True, lora_rank=0, temperature=1.0),
+    },
+    "ire-vla": {
+        "num_envs": 8,
+        # The backbone with LoRA (as iRe-VLA); the action head reads its hidden state, no text is written.
+        "policy": PolicyConfig(model="tiny", prompt_style="action", lora_rank=8),
     },
     "dpo": {
         "num_envs": 16,
