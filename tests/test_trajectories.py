@@ -17,6 +17,7 @@ import pytest
 import envs
 from agents.trajectories import (
     COLUMNS,
+    SCHEMA_VERSION,
     StepRecord,
     TrajectoryWriter,
     check_store,
@@ -137,7 +138,7 @@ def test_round_trip_over_several_shards(tmp_path):
             )
             expected.extend(rows)
     assert sorted(path.name for path in (store / "shards").iterdir()) == [f"shard-00000{i}.parquet" for i in range(3)]
-    assert json.loads((store / "store.json").read_text())["schema_version"] == 1
+    assert json.loads((store / "store.json").read_text())["schema_version"] == SCHEMA_VERSION == 2
 
     dataset = load_trajectories(store)
     assert dataset.column_names == list(COLUMNS)
