@@ -192,7 +192,13 @@ class IReVLAConfig(RunConfig):
             raise ConfigError(
                 f"batch_size={self.batch_size} must be a positive multiple of micro_batch_size={self.micro_batch_size}."
             )
-        for name in ("stage0_learning_rate", "stage1_learning_rate", "stage2_learning_rate", "clip_coef", "max_grad_norm"):
+        for name in (
+            "stage0_learning_rate",
+            "stage1_learning_rate",
+            "stage2_learning_rate",
+            "clip_coef",
+            "max_grad_norm",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
         if not 0 <= self.online_fraction <= 1:
@@ -213,7 +219,9 @@ class IReVLAConfig(RunConfig):
     def check_world_size(self, world_size: int) -> None:
         super().check_world_size(world_size)
         if world_size > 1:
-            raise ConfigError("iRe-VLA runs in one process (it is not data-parallel yet); launch it without a launcher.")
+            raise ConfigError(
+                "iRe-VLA runs in one process (it is not data-parallel yet); launch it without a launcher."
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -340,7 +348,9 @@ def ppo_head_losses(
     logprob, entropy = policy.head.log_prob(features, batch.raw[rows].to(device))
     value = policy.value_head(features)
     old_logprob = batch.logprobs[rows].to(device)
-    policy_loss, ratio = clipped_surrogate(logprob, old_logprob, advantages.to(device), config.clip_coef, config.clip_coef)
+    policy_loss, ratio = clipped_surrogate(
+        logprob, old_logprob, advantages.to(device), config.clip_coef, config.clip_coef
+    )
     critic_loss = value_loss(value, batch.values[rows].to(device), batch.returns[rows].to(device), config.clip_coef)
     loss = policy_loss.mean() - config.ent_coef * entropy.mean() + config.vf_coef * critic_loss.mean()
     with torch.no_grad():
@@ -402,8 +412,13 @@ def supervised_stage(
         batch = [expert[i] for i in expert_batches.next()] if expert_batches is not None else []
         if online_rows:
             batch += [online[i] for i in generator.choice(len(online), online_rows, replace=len(online) < online_rows)]
-        micro_batches = [list(range(i, min(i + config.micro_batch_size, len(batch)))) for i in range(0, len(batch), config.micro_batch_size)]
-        parts = guarded.step(micro_batches, lambda micro: bc_loss(policy, spec, [batch[i] for i in micro], train_backbone))
+        micro_batches = [
+            list(range(i, min(i + config.micro_batch_size, len(batch))))
+            for i in range(0, len(batch), config.micro_batch_size)
+        ]
+        parts = guarded.step(
+            micro_batches, lambda micro, rows=batch: bc_loss(policy, spec, [rows[i] for i in micro], train_backbone)
+        )
         if parts is not None:
             done += 1
             for key, value in parts.items():
@@ -450,7 +465,9 @@ def collect_head_rollout(
     for t, cut in enumerate(finals):  # a truncated episode bootstraps from its own final observation
         for index, value in cut.items():
             next_values[t, index] = value
-    advantages, returns = compute_gae(rewards, values, next_values, terminated, truncated, config.gamma, config.gae_lambda)
+    advantages, returns = compute_gae(
+        rewards, values, next_values, terminated, truncated, config.gamma, config.gae_lambda
+    )
 
     def flat(array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(array.reshape(-1), dtype=torch.float32)
@@ -491,7 +508,9 @@ def ppo_head_update(
     metrics["losses/skipped_steps"] = skipped
     returns, values = batch.returns.numpy(), batch.values.numpy()
     variance = np.var(returns)
-    metrics["losses/explained_variance"] = float("nan") if variance == 0 else float(1 - np.var(returns - values) / variance)
+    metrics["losses/explained_variance"] = (
+        float("nan") if variance == 0 else float(1 - np.var(returns - values) / variance)
+    )
     return metrics
 
 

@@ -86,7 +86,9 @@ class HeadConfig:
         if self.action_type == "continuous":
             if not self.action_low or len(self.action_low) != len(self.action_high):
                 raise ValueError("A continuous head needs the action space's bounds (action_low, action_high).")
-            if not all(math.isfinite(lo) and math.isfinite(hi) and lo < hi for lo, hi in zip(self.action_low, self.action_high)):
+            if not all(
+                math.isfinite(lo) and math.isfinite(hi) and lo < hi for lo, hi in zip(self.action_low, self.action_high)
+            ):
                 raise ValueError(
                     f"A continuous head needs finite bounds low < high, got {self.action_low} .. {self.action_high}."
                 )

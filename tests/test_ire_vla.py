@@ -112,9 +112,7 @@ def test_gaussian_head_matches_torch_tanh_transformed_normal(state_dependent_std
     # bound, where it is moved inside); one on the bounds scores finite.
     inside = (torch.tanh(raw).abs() < 1 - SQUASH_EPS).all(-1)
     assert inside.sum() >= 3
-    torch.testing.assert_close(
-        head.action_log_prob(features, action)[0][inside], logprob[inside], atol=1e-3, rtol=1e-3
-    )
+    torch.testing.assert_close(head.action_log_prob(features, action)[0][inside], logprob[inside], atol=1e-3, rtol=1e-3)
     assert torch.isfinite(head.action_log_prob(features, torch.tensor([high] * 5))[0]).all()
     greedy, greedy_action = head.sample(features, greedy=True)
     torch.testing.assert_close(greedy, mean)
@@ -238,8 +236,12 @@ def test_bad_input_says_what_to_change(tmp_path, reach_store, colour_store):
     wrong_size = tmp_path / "wrong-size"
     image = np.zeros((32, 32, 3), dtype=np.uint8)
     with TrajectoryWriter(wrong_size) as writer:
-        step = StepRecord(image, "", "move left", 0, 0.0, False, True, action_name="move left", continuous_action=[0.1, 0.2])
-        writer.add_episode([step], env_id="vlmrl/Reach-v0", seed=0, prompt_style="action", source="expert", env_options=REACH)
+        step = StepRecord(
+            image, "", "move left", 0, 0.0, False, True, action_name="move left", continuous_action=[0.1, 0.2]
+        )
+        writer.add_episode(
+            [step], env_id="vlmrl/Reach-v0", seed=0, prompt_style="action", source="expert", env_options=REACH
+        )
     with pytest.raises(ConfigError, match=r"continuous actions of size \[2\].*3 dimensions"):
         train(ire_config(tmp_path / "size", wrong_size))
     with pytest.raises(ValueError, match="no continuous action space"):
