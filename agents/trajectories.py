@@ -976,6 +976,7 @@ def collect_policy(
         seed=seed,
         rng=np.random.default_rng(seed),
         episode_seeds=itertools.count(seed),
+        continuous=bool(getattr(policy, "continuous", False)),  # an action head's vectors (agents/vla.py)
     )
     writer = TrajectoryWriter(path, shard_size=shard_size)
     runner.recorder = EpisodeRecorder(
@@ -1095,6 +1096,8 @@ def collect_branches(
         policy = _load_collecting_policy(source, device, prompt_style)
     else:
         policy, source = model, str(getattr(getattr(model, "config", None), "model", "policy"))
+    if getattr(policy, "continuous", False):
+        raise ValueError("Branching replays discrete actions; a continuous action-head policy cannot branch yet.")
     spec = get_language(env_id)
     env_kwargs = dict(env_kwargs or {})
     environments = [gym.make(env_id, **env_kwargs) for _ in range(branch)]
