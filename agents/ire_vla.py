@@ -33,7 +33,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -52,7 +52,10 @@ SUCCESS_STORE = "successes"
 @dataclass
 class IReVLAConfig(RunConfig):
     """iRe-VLA's options on top of every run's (:class:`~agents.run.RunConfig`). The backbone is ``--model``
-    with its ``--lora-rank`` (0: full weights); the action head's options are below."""
+    with its ``--lora-rank`` (0: full weights); the action head's options are below. ``--model`` may also name
+    an action-head policy (an iRe-VLA run or checkpoint): training then goes on from its backbone and heads."""
+
+    trains_action_heads: ClassVar[bool] = True
 
     data: str = ""
     """Expert trajectory store (``vlmrl collect <env> --expert [--continuous] --out PATH``). A continuous head
@@ -569,9 +572,9 @@ def stage_evaluation(policy: VLAPolicy, config: IReVLAConfig, stage: int) -> dic
 def train(config: IReVLAConfig, defaults: IReVLAConfig | None = None) -> Path:
     """Run iRe-VLA; return the run directory (its checkpoints' policies load with ``load_policy``)."""
     from agents.checkpoint import POLICY_DIR
-    from agents.policy import load_policy
+    from agents.policy import load_policy, resolve_policy_directory
     from agents.trajectories import EpisodeRecorder, TrajectoryWriter
-    from agents.vla import build_vla_policy
+    from agents.vla import VLA_FILE, build_vla_policy
 
     with Run(config, "ire-vla", defaults) as run:
         config = run.config
@@ -579,6 +582,14 @@ def train(config: IReVLAConfig, defaults: IReVLAConfig | None = None) -> Path:
         expert = load_expert_demos(config, head)
         if run.checkpoint_path is not None:
             policy = load_policy(str(run.checkpoint_path / POLICY_DIR), device=config.policy.device)
+        elif (Path(resolve_policy_directory(config.policy.model)) / VLA_FILE).exists():  # an earlier run's policy
+            policy = load_policy(config.policy.model, device=config.policy.device)
+            if policy.head_config.action_type != head.action_type or policy.head.config.action_dim != head.action_dim:
+                raise ConfigError(
+                    f"--model {config.policy.model} has a {policy.head_config.action_type} head of "
+                    f"{policy.head_config.action_dim} actions; this run asks for a {head.action_type} head of "
+                    f"{head.action_dim}: pass --action-head {policy.head_config.action_type} or another --model."
+                )
         else:
             policy = build_vla_policy(config.policy, head)
         runner = run.make_env_runner(continuous=policy.continuous)

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -137,6 +137,9 @@ class RunConfig:
     """Store the training envs' episodes (``all``, or only ``successes``) in ``<run dir>/trajectories``, a
     trajectory store (``agents/trajectories.py``) whose ``source`` is ``run:<run dir>@update-<n>``."""
 
+    #: Whether the algorithm trains an action-head policy (``agents/vla.py``), so that ``--model`` may name one.
+    trains_action_heads: ClassVar[bool] = False
+
     # --- policy ----------------------------------------------------------------------------------------------
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     """Model and policy options (``--model``, ``--temperature``, ``--constrained``, ...)."""
@@ -188,7 +191,7 @@ class RunConfig:
         if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
             raise ConfigError(f"Model directory {model!r} does not exist.")
         check_model_source(model)
-        _check_saved_policy(self.policy)
+        _check_saved_policy(self.policy, self.trains_action_heads)
         if self.collective_timeout_s < 1:
             raise ConfigError(f"collective_timeout_s must be >= 1, got {self.collective_timeout_s}.")
 
@@ -206,11 +209,19 @@ class RunConfig:
             )
 
 
-def _check_saved_policy(policy: PolicyConfig) -> None:
-    """A saved policy (an SFT run, say) answers in the style it was trained in: refuse another one."""
+def _check_saved_policy(policy: PolicyConfig, trains_action_heads: bool = False) -> None:
+    """A saved policy (an SFT run, say) answers in the style it was trained in: refuse another one. An
+    action-head policy (``agents/vla.py``) writes no text: only an algorithm that trains one may start from it."""
     from agents.policy import POLICY_FILE, resolve_policy_directory
 
     path = Path(resolve_policy_directory(policy.model)) / POLICY_FILE
+    if (path.parent / "vla.json").exists():
+        if not trains_action_heads:
+            raise ConfigError(
+                f"The policy at {policy.model} is an action-head policy (iRe-VLA): it writes no text answers, so "
+                "this algorithm cannot train it. Continue it with --algo ire-vla, or start from a text policy."
+            )
+        return
     if not path.exists():
         return
     saved = json.loads(path.read_text())["config"]

@@ -18,6 +18,7 @@ import envs
 from agents.errors import ConfigError
 from agents.ire_vla import IReVLAConfig, bc_loss, rl_stage, store_demos, supervised_stage, train
 from agents.policy import PolicyConfig, load_policy
+from agents.ppo import PPOConfig
 from agents.rollout import EnvRunner
 from agents.tracking import read_metrics
 from agents.trajectories import StepRecord, TrajectoryWriter, collect_expert, load_trajectories
@@ -202,6 +203,13 @@ def test_resume_mid_loop_equals_uninterrupted_and_eval_loads_it(tmp_path, reach_
 
     result = evaluate_checkpoint(str(straight), episodes=2, device="cpu")  # what `vlmrl eval RUN` runs
     assert result["episodes"] == 2 and result["invalid_action_rate"] == 0.0
+
+    # An action-head policy writes no text: a text algorithm refuses it, iRe-VLA goes on from it (same head).
+    from_run = dataclasses.replace(BACKBONE, model=str(straight))
+    with pytest.raises(ConfigError, match="action-head policy.*--algo ire-vla"):
+        PPOConfig(env_id="vlmrl/Reach-v0", env_kwargs=dict(REACH), policy=from_run)
+    with pytest.raises(ConfigError, match="has a continuous head of 3 actions.*--action-head continuous"):
+        train(ire_config(tmp_path / "from-run", reach_store, action_head="discrete", policy=from_run))
 
 
 def test_discrete_head_learns_the_colour_task(tmp_path, colour_store):
