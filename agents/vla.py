@@ -71,7 +71,7 @@ class HeadConfig:
     state_dependent_std: bool = False
     """The head outputs the log-std from the hidden state (else one learned vector)."""
     action_names: tuple[str, ...] = ()
-    """The env's action names (the discrete head's categories; shown beside continuous actions)."""
+    """The env's action names (the discrete head's categories)."""
     action_low: tuple[float, ...] = ()
     """Lower bounds of the continuous action space."""
     action_high: tuple[float, ...] = ()
