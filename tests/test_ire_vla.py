@@ -216,12 +216,25 @@ def test_discrete_head_learns_the_colour_task(tmp_path, colour_store):
     config = ire_config(
         tmp_path, colour_store, env_id="vlmrl/Colour-v0", env_kwargs={}, action_head="discrete", num_envs=8,
         num_steps=1, stage1_env_steps=16, minibatch_size=8, stage0_steps=30, stage2_steps=10, rounds=1,
-        batch_size=16, micro_batch_size=16, stage0_learning_rate=3e-3, stage_eval_episodes=24, checkpoint_every=0,
+        batch_size=16, micro_batch_size=16, stage0_learning_rate=3e-3, stage_eval_episodes=24,
     )  # fmt: skip
-    rows = read_metrics(train(config) / "metrics.jsonl")
+    run_dir = train(config)
+    rows = read_metrics(run_dir / "metrics.jsonl")
     final = [r for r in rows if "ire/stage2_success_rate" in r][-1]
     assert final["ire/stage2_success_rate"] >= 0.9, rows
     assert final["ire/online_steps"] > 0  # stage 1's successes were stored and learned from
+
+    # Resumed after stage 0, round 1 stores the same successes once (the store is cut back) and ends alike.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "update-000002")
+    train(dataclasses.replace(config, run_dir=None, resume=str(resumed)))
+    stored = [load_trajectories(path / "successes") for path in (run_dir, resumed)]
+    assert len(stored[0]) > 0
+    for column in ("seed", "step", "action", "step_text", "reward"):  # episode ids are drawn anew
+        assert stored[0][column] == stored[1][column], column
+    for x, y in zip(load_policy(str(run_dir)).parameters(), load_policy(str(resumed)).parameters()):
+        assert torch.equal(x, y)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
