@@ -27,7 +27,7 @@ import shutil
 import time
 import typing
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -602,6 +602,18 @@ class Run:
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` of every rank in rank order (``[obj]`` in one process)."""
         return [obj] if self.parallel is None else self.parallel.gather(obj)
+
+    def on_main(self, work: Callable[[], Any]) -> Any:
+        """``work()`` run by rank 0 alone, its result handed to every rank (in one process: ``work()``).
+
+        For a step one process does for all, such as playing a round whose store every rank then reads. The
+        other ranks wait for it, so it must be shorter than ``collective_timeout_s``.
+        """
+        if self.parallel is None:
+            return work()
+        result = work() if self.is_main else None
+        self.parallel.wait()
+        return self.parallel.broadcast(result)
 
     def env_steps(self, runner: EnvRunner) -> int:
         """Environment steps taken by every rank's envs together."""

@@ -32,7 +32,13 @@ from agents.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = PolicyConfig(model="tiny", prompt_style="action", constrained=True, lora_rank=8, temperature=1.0)
-TIMING = {"charts/env_steps_per_s", "charts/tokens_per_s", "charts/samples_per_s"}
+TIMING = {
+    "charts/env_steps_per_s",
+    "charts/tokens_per_s",
+    "charts/samples_per_s",
+    "charts/pairs_per_s",
+    "charts/round_seconds",
+}
 COMMON = dict(env_id="vlmrl/Colour-v0", num_envs=4, learning_rate=1e-3, progress=False, sample_every=1)
 
 
@@ -61,6 +67,43 @@ def sft_config(run_dir: Path | None, data: Path, **overrides):
     options.update(run_dir=str(run_dir) if run_dir else None, policy=dataclasses.replace(TINY), sample_every=0)
     options.update(overrides)
     return SFTConfig(**options)
+
+
+def dpo_config(run_dir: Path | None, pairs: Path | None, **overrides):
+    from agents.dpo import DPOConfig
+
+    options = dict(COMMON, pairs=str(pairs) if pairs else "", epochs=2, batch_size=4, micro_batch_size=1)
+    options.update(run_dir=str(run_dir) if run_dir else None, held_out_fraction=0.25, checkpoint_every=1)
+    options.update(policy=dataclasses.replace(TINY), sample_every=0)
+    options.update(overrides)
+    return DPOConfig(**options)
+
+
+def iterated_dpo_config(run_dir: Path | None, **overrides):
+    options = dict(rounds=2, episodes_per_round=4, group_size=2, batch_size=2, micro_batch_size=1)
+    return dpo_config(run_dir, None, **{**options, **overrides})
+
+
+def expert_pairs(demos: Path, out: Path) -> Path:
+    """Preference pairs from expert demonstrations: at each demonstrated state, the expert's colour over each
+    wrong one."""
+    import envs
+    from agents.pairs import build_pairs, save_pairs
+    from agents.trajectories import StepRecord, TrajectoryWriter, load_trajectories
+
+    names = envs.get_language("vlmrl/Colour-v0").action_names
+    with TrajectoryWriter(out / "wrong") as writer:
+        for row in load_trajectories(demos):
+            for shift in (1, 2):
+                wrong = (row["action"] + shift) % len(names)
+                step = StepRecord(np.asarray(row["image"].convert("RGB")), row["step_text"], names[wrong], wrong,
+                                  0.0, True, False, action_name=names[wrong])  # fmt: skip
+                writer.add_episode(
+                    [step], env_id=row["env_id"], seed=row["seed"], prompt_style="action", source="run:test"
+                )
+    pairs, _ = build_pairs([demos, out / "wrong"], mode="expert")
+    save_pairs(pairs, out / "pairs")
+    return out / "pairs"
 
 
 def per_env_sampling() -> None:
@@ -176,25 +219,29 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """One launch of two processes: a PPO run, a GRPO run, an SFT run and a PPO run with a GPU run's options."""
+    """One launch of two processes: a PPO run, a GRPO run, an SFT run, an offline and an iterated DPO run, and
+    a PPO run with a GPU run's options."""
     from agents.trajectories import collect_expert
 
     tmp_path = tmp_path_factory.mktemp("two")
     collect_expert("vlmrl/Colour-v0", tmp_path / "demos", episodes=6, seed=0, prompt_style="action")
+    expert_pairs(tmp_path / "demos", tmp_path)
     gpu_options = dataclasses.replace(TINY, dtype="bfloat16", gradient_checkpointing=True, attn_implementation="sdpa")
     jobs = [
         ("ppo", ppo_config(tmp_path / "ppo")),
         ("grpo", grpo_config(tmp_path / "grpo")),
         ("sft", sft_config(tmp_path / "sft", tmp_path / "demos")),
+        ("dpo", dpo_config(tmp_path / "dpo", tmp_path / "pairs")),
+        ("dpo", iterated_dpo_config(tmp_path / "dpo-rounds")),
         ("ppo", ppo_config(tmp_path / "bf16", total_env_steps=8, kl_coef=0.05, policy=gpu_options)),
     ]
     finish(launch(tmp_path, jobs, "both"))
     return tmp_path
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "sft"])
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "sft", "dpo", "dpo-rounds"])
 def test_two_processes_give_the_parameters_of_one(two_processes, tmp_path, monkeypatch, algorithm):
-    from agents import grpo, ppo, sft
+    from agents import dpo, grpo, ppo, sft
     from agents.rollout import EnvRunner
 
     monkeypatch.setattr(EnvRunner, "step", EnvRunner.step)  # undone after the test
@@ -204,8 +251,12 @@ def test_two_processes_give_the_parameters_of_one(two_processes, tmp_path, monke
         one, last = ppo.train(ppo_config(tmp_path / "one")), "update-000003"
     elif algorithm == "grpo":
         one, last = grpo.train(grpo_config(tmp_path / "one")), "update-000002"
-    else:  # 6 demonstration steps in batches of 4: each epoch's last batch (2 steps) gives each rank one
+    elif algorithm == "sft":  # 6 demonstration steps in batches of 4: each epoch's last batch (2) gives each rank one
         one, last = sft.train(sft_config(tmp_path / "one", two_processes / "demos")), "update-000004"
+    elif algorithm == "dpo":  # 4 pairs, 1 held out: each epoch is one batch of 3, split 2 + 1 over the ranks
+        one, last = dpo.train(dpo_config(tmp_path / "one", two_processes / "pairs")), "update-000002"
+    else:  # rank 0 plays each round alone; both ranks train on it
+        one, last = dpo.train(iterated_dpo_config(tmp_path / "one")), "update-000002"
     two = two_processes / algorithm
     expected, actual = parameters(one / "checkpoints" / last), parameters(two / "checkpoints" / last)
     start = load_policy("tiny", **{k: v for k, v in dataclasses.asdict(TINY).items() if k != "model"})
@@ -221,7 +272,7 @@ def test_two_processes_give_the_parameters_of_one(two_processes, tmp_path, monke
             assert b[key] == pytest.approx(a[key], abs=1e-5, nan_ok=True), key
     state = torch.load(two / "checkpoints" / last / "trainer.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
-    if algorithm != "sft":
+    if algorithm in ("ppo", "grpo"):
         assert [r["runner"]["num_envs"] for r in state["ranks"]] == [2, 2]
 
 
