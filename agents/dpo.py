@@ -467,8 +467,9 @@ def train(config: DPOConfig, defaults: DPOConfig | None = None) -> Path:
                 }
             )
             last = update + 1 == num_updates
-            if (last or (config.eval_every and (update + 1) % config.eval_every == 0)) and run.is_main:
-                metrics.update(held_out_metrics(policy, held_out, config))
+            if last or (config.eval_every and (update + 1) % config.eval_every == 0):
+                with run.whole_policy(policy):
+                    metrics.update(held_out_metrics(policy, held_out, config) if run.is_main else {})
                 if not last and config.eval_episodes:
                     metrics.update(eval_metrics(run.evaluate(policy)))
             run.end_update(update, metrics, pairs_seen, policy, finished=[], optimizer=optimizer, batches=batches)
@@ -544,7 +545,8 @@ def train_iterated(config: DPOConfig, defaults: DPOConfig | None = None) -> Path
             start = time.perf_counter()
             learning_rate = set_learning_rate(optimizer, update, config.rounds, config.anneal_lr)
             # Under a launcher rank 0 plays the round alone, as one process would, and the others read its store.
-            store, stats = run.on_main(functools.partial(collect_round, run, policy, config, update))
+            with run.whole_policy(policy):
+                store, stats = run.on_main(functools.partial(collect_round, run, policy, config, update))
             metrics: dict[str, float] = {
                 "charts/episodic_return": float(np.mean(stats["returns"])),
                 "charts/success_rate": float(np.mean(stats["successes"])),

@@ -178,7 +178,17 @@ CHILD = textwrap.dedent(
 )
 
 
-def launch(tmp_path: Path, jobs: list[tuple[str, object]], name: str, fault: str | None = None) -> subprocess.Popen:
+#: What ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` sets for the processes it starts.
+FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
+
+
+def launch(
+    tmp_path: Path,
+    jobs: list[tuple[str, object]],
+    name: str,
+    fault: str | None = None,
+    environment: dict[str, str] | None = None,
+) -> subprocess.Popen:
     """Start ``torchrun --nproc-per-node 2`` on the jobs ``[(algorithm, config)]``, in sequence."""
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(ROOT / "tests")))
@@ -191,6 +201,7 @@ def launch(tmp_path: Path, jobs: list[tuple[str, object]], name: str, fault: str
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if fault:
         env["VLMRL_TEST_FAULT"] = fault
+    env.update(environment or {})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     return subprocess.Popen(
         [*command, str(script), json.dumps(paths)],
@@ -293,6 +304,82 @@ def test_bf16_lora_gradient_checkpointing_and_sdpa_train_under_ddp(two_processes
     assert read_metrics(two_processes / "bf16" / "metrics.jsonl")[-1]["losses/kl_ref"] >= 0
 
 
+# --- FSDP: the same runs, sharded -----------------------------------------------------------------------------
+
+LAST = {"ppo": "update-000003", "grpo": "update-000002", "sft": "update-000004", "dpo": "update-000002"}
+LAST["dpo-rounds"] = "update-000002"
+
+
+def fsdp_jobs(two_processes: Path, out: Path, algorithms: list[str]) -> list[tuple[str, object]]:
+    configs = {
+        "ppo": lambda: ("ppo", ppo_config(out / "ppo")),
+        "grpo": lambda: ("grpo", grpo_config(out / "grpo")),
+        "sft": lambda: ("sft", sft_config(out / "sft", two_processes / "demos")),
+        "dpo": lambda: ("dpo", dpo_config(out / "dpo", two_processes / "pairs")),
+        "dpo-rounds": lambda: ("dpo", iterated_dpo_config(out / "dpo-rounds")),
+    }
+    return [configs[name]() for name in algorithms]
+
+
+def assert_same_run(actual: Path, expected: Path, last: str, atol: float = 1e-5) -> None:
+    """Two runs' checkpoint ``last`` (parameters and the optimizer's state) and metrics agree within ``atol``."""
+    expected_parameters, actual_parameters = (parameters(run / "checkpoints" / last) for run in (expected, actual))
+    for name, value in expected_parameters.items():
+        torch.testing.assert_close(actual_parameters[name], value, atol=atol, rtol=0, msg=name)
+    states = [torch.load(run / "checkpoints" / last / "trainer.pt", weights_only=False) for run in (expected, actual)]
+    [expected_optimizer, actual_optimizer] = [state["optimizer"] for state in states]
+    assert actual_optimizer["param_groups"] == expected_optimizer["param_groups"]
+    assert actual_optimizer["state"].keys() == expected_optimizer["state"].keys()
+    for index, entry in expected_optimizer["state"].items():
+        for key, value in entry.items():
+            torch.testing.assert_close(actual_optimizer["state"][index][key], value, atol=atol, rtol=0)
+    for a, b in zip(*(without_timing(read_metrics(run / "metrics.jsonl")) for run in (expected, actual)), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=atol, nan_ok=True), key
+
+
+@pytest.fixture(scope="module")
+def fsdp_processes(two_processes):
+    """The PPO and offline DPO runs of ``two_processes`` again, sharded with FSDP2 (what fsdp.yaml sets)."""
+    out = two_processes / "fsdp"
+    finish(launch(two_processes, fsdp_jobs(two_processes, out, ["ppo", "dpo"]), "fsdp", environment=FSDP))
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "dpo"])
+def test_fsdp_gives_the_parameters_of_ddp_and_a_checkpoint_one_process_loads(two_processes, fsdp_processes, algorithm):
+    """Sharded, the runs compute what DDP computes (which is what one process computes): acting on gathered
+    whole parameters, micro-batches padded to the same count on every rank, the gradient reduce-scattered.
+    Their checkpoints hold the whole policy and optimizer state, so one process evaluates them."""
+    from agents.evaluation import evaluate_checkpoint
+
+    assert_same_run(fsdp_processes / algorithm, two_processes / algorithm, LAST[algorithm])
+    result = evaluate_checkpoint(str(fsdp_processes / algorithm), episodes=2, device="cpu")
+    assert 0 <= result["success_rate"] <= 1
+
+
+@pytest.mark.slow
+def test_fsdp_runs_every_algorithm_and_resumes_as_ddp_does(two_processes, tmp_path):
+    """GRPO, SFT and iterated DPO sharded agree with DDP; an FSDP run resumed from a checkpoint (its optimizer
+    state re-sharded) goes on as a DDP run resumed from the same checkpoint does. (The two are compared with
+    each other, not with the run that was never stopped: the test's per-env sampling seeds restart with the
+    resumed process.)"""
+    import shutil
+
+    out = tmp_path / "fsdp"
+    finish(launch(tmp_path, fsdp_jobs(two_processes, out, ["grpo", "sft", "dpo-rounds"]), "fsdp", environment=FSDP))
+    for algorithm in ("grpo", "sft", "dpo-rounds"):
+        assert_same_run(out / algorithm, two_processes / algorithm, LAST[algorithm])
+    resumed = {}
+    for name, environment in (("ddp", {}), ("fsdp", FSDP)):
+        resumed[name] = shutil.copytree(two_processes / "ppo", tmp_path / f"resumed-{name}")
+        shutil.rmtree(resumed[name] / "checkpoints" / "update-000003")
+        job = [("ppo", ppo_config(None, resume=str(resumed[name])))]
+        finish(launch(tmp_path, job, f"resume-{name}", environment=environment))
+    assert_same_run(resumed["fsdp"], resumed["ddp"], "update-000003")
+
+
 def test_a_killed_two_process_run_resumes_exactly(two_processes, tmp_path):
     run_dir = tmp_path / "killed"
     process = launch(tmp_path, [("ppo", ppo_config(run_dir))], "killed")
@@ -361,18 +448,22 @@ def test_a_world_size_that_does_not_divide_the_envs_or_groups_is_refused(tmp_pat
 @pytest.mark.parametrize(
     ("environment", "message"),
     [
-        ({"ACCELERATE_USE_FSDP": "true"}, "FSDP shards parameters"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "deepspeed|ZeRO-3"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1; vlmrl shards with FSDP2 only"),
+        ({**FSDP, "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "fsdp_cpu_ram_efficient_loading: true"),
+        ({**FSDP, "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params: true is not supported"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed"),
     ],
 )
-def test_fsdp_and_deepspeed_configs_are_refused_with_what_to_do(monkeypatch, environment, message):
+def test_fsdp_settings_and_deepspeed_configs_that_cannot_run_are_refused_with_what_to_do(
+    monkeypatch, environment, message
+):
     from agents.parallel import check_distributed_type
 
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=message) as refused:
         check_distributed_type()
-    assert "ddp.yaml" in str(refused.value)
+    assert "configs/accelerate/" in str(refused.value)
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
@@ -383,6 +474,10 @@ def test_shipped_accelerate_configs_are_valid(name):
     assert config.distributed_type.name == {"ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(name, "DEEPSPEED")
     if name.startswith("deepspeed"):
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
+    if name == "fsdp":  # the settings check_distributed_type accepts
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_version"] == 2 and not fsdp["fsdp_cpu_ram_efficient_loading"]
+        assert not fsdp["fsdp_offload_params"]
 
 
 # --- GPU readiness, checked on CPU --------------------------------------------------------------------------------
