@@ -38,15 +38,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(run_dir: Path, update: int, policy, trainer_state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``update`` atomically and keep only the newest ``keep`` checkpoints."""
+def save_checkpoint(
+    run_dir: Path,
+    update: int,
+    policy,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+    policy_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write checkpoint ``update`` atomically and keep only the newest ``keep`` checkpoints.
+
+    ``policy_state``: the policy's whole state dict when this process holds a shard of it (FSDP)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"update-{update:06d}"
     staging = root / f".staging-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    policy.save(staging / POLICY_DIR)
+    policy.save(staging / POLICY_DIR, state_dict=policy_state)
     torch.save(trainer_state, staging / TRAINER_STATE)
     files = {str(p.relative_to(staging)): _sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
     (staging / MANIFEST).write_text(json.dumps({"update": update, "files": files}, indent=1))

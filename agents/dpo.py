@@ -23,6 +23,11 @@ the reference, the loss of one micro-batch, and ``train``.
   (``group_size`` episodes per seed, so answers meet at the same states), label and pair them
   (``agents.pairs``, mode ``round_pair_mode``), then ``round_epochs`` passes of DPO over the round's pairs.
   The round's store is kept in ``<run dir>/rounds/round-NNNN``.
+* Under a launcher (``agents/parallel.py``) each rank computes the gradient of its slice of every minibatch,
+  as SFT does, so several processes give the parameters of one with the same ``batch_size``; each rank
+  computes the reference log-probs of every pair itself. Rank 0 alone measures the held-out pairs and, in
+  iterated DPO, plays each round (as one process would) while the others wait, then every rank reads the
+  round's store.
 
     vlmrl collect gridworld --model runs/<sft run> --episodes 100 --out data/policy   # twice: same seeds
     vlmrl pairs data/policy --mode step --out data/pairs
@@ -33,6 +38,7 @@ the reference, the loss of one micro-batch, and ``train``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import shutil
@@ -105,12 +111,6 @@ class DPOConfig(RunConfig):
     """Smallest score difference that makes a round's pair (ties are always dropped)."""
     round_epochs: int = 1
     """Passes over a round's pairs."""
-
-    def check_world_size(self, world_size: int) -> None:
-        if world_size > 1:
-            raise ConfigError(
-                f"DPO runs in one process for now ({world_size} were launched): start it without a launcher."
-            )
 
     def validate(self) -> None:
         model = self.policy.model
@@ -443,8 +443,11 @@ def train(config: DPOConfig, defaults: DPOConfig | None = None) -> Path:
         num_updates = config.epochs * batches.per_epoch
         optimizer = make_optimizer(policy, config.learning_rate)
         run.restore(optimizer=optimizer, batches=batches)
+        optimizer = run.prepare(policy, optimizer)
         trainable = [p for p in policy.parameters() if p.requires_grad]
-        guarded_step = GuardedStep(optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps)
+        guarded_step = GuardedStep(
+            optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps, parallel=run.parallel
+        )
         pairs_seen = run.global_step
 
         for update in run.updates(num_updates, config.batch_size):
@@ -465,7 +468,8 @@ def train(config: DPOConfig, defaults: DPOConfig | None = None) -> Path:
             )
             last = update + 1 == num_updates
             if last or (config.eval_every and (update + 1) % config.eval_every == 0):
-                metrics.update(held_out_metrics(policy, held_out, config))
+                with run.whole_policy(policy):
+                    metrics.update(held_out_metrics(policy, held_out, config) if run.is_main else {})
                 if not last and config.eval_episodes:
                     metrics.update(eval_metrics(run.evaluate(policy)))
             run.end_update(update, metrics, pairs_seen, policy, finished=[], optimizer=optimizer, batches=batches)
@@ -528,8 +532,11 @@ def train_iterated(config: DPOConfig, defaults: DPOConfig | None = None) -> Path
         reference = make_reference(policy, config)
         optimizer = make_optimizer(policy, config.learning_rate)
         run.restore(optimizer=optimizer)
+        optimizer = run.prepare(policy, optimizer)
         trainable = [p for p in policy.parameters() if p.requires_grad]
-        guarded_step = GuardedStep(optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps)
+        guarded_step = GuardedStep(
+            optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps, parallel=run.parallel
+        )
         # Progress is counted in env steps, as PPO's and GRPO's: what a round of collection costs, including
         # the steps of envs still playing extra episodes while the round's last ones finish.
         env_steps = run.global_step
@@ -537,7 +544,9 @@ def train_iterated(config: DPOConfig, defaults: DPOConfig | None = None) -> Path
         for update in run.updates(config.rounds, 1):  # the progress bar counts rounds
             start = time.perf_counter()
             learning_rate = set_learning_rate(optimizer, update, config.rounds, config.anneal_lr)
-            store, stats = collect_round(run, policy, config, update)
+            # Under a launcher rank 0 plays the round alone, as one process would, and the others read its store.
+            with run.whole_policy(policy):
+                store, stats = run.on_main(functools.partial(collect_round, run, policy, config, update))
             metrics: dict[str, float] = {
                 "charts/episodic_return": float(np.mean(stats["returns"])),
                 "charts/success_rate": float(np.mean(stats["successes"])),

@@ -415,11 +415,11 @@ def train(config: GRPOConfig, defaults: GRPOConfig | None = None) -> Path:
         policy = run.load_policy()
         runner = run.make_env_runner()
         policy.value_head.requires_grad_(False)  # no critic in GRPO
-        trainable = [p for p in policy.parameters() if p.requires_grad]
         optimizer = make_optimizer(policy, config.learning_rate)
         reference = make_reference(policy, config)
         run.restore(runner=runner, optimizer=optimizer)
         optimizer = run.prepare(policy, optimizer)
+        trainable = [p for p in policy.parameters() if p.requires_grad]  # after prepare: FSDP swaps the parameters
         guarded_step = GuardedStep(
             optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps, parallel=run.parallel
         )
@@ -438,7 +438,9 @@ def train(config: GRPOConfig, defaults: GRPOConfig | None = None) -> Path:
                 optimizer, run.env_steps(runner), config.total_env_steps, config.anneal_lr
             )
             seeds = round_seeds(config, update)[first_group : first_group + local.num_groups]
-            trajectories = Round.join(run.gather(play_round(runner, policy, local, seeds, reward_set)))
+            with run.whole_policy(policy):  # act on whole parameters (FSDP gathers them once)
+                played = play_round(runner, policy, local, seeds, reward_set)
+            trajectories = Round.join(run.gather(played))
             advantages, stats = round_advantages(trajectories, config)
 
             samples = [

@@ -63,8 +63,9 @@ class GuardedStep:
     the same size, and back-propagates ``loss * len(micro) * world_size / total``; DDP's average over ranks
     then gives the mean over the whole minibatch, the gradient one process computes. Every rank runs at
     least one micro-batch (a rank whose slice is empty runs one sample with weight 0), since each
-    minibatch's last backward is a collective; the skip decision and the logged parts are summed over ranks,
-    so every rank steps, or skips, alike.
+    minibatch's last backward is a collective (under FSDP every pass is: each rank runs as many micro-batches,
+    padded with weight-0 ones); the skip decision and the logged parts are summed over ranks, so every rank
+    steps, or skips, alike.
     """
 
     def __init__(
@@ -133,6 +134,11 @@ class GuardedStep:
         total, size = len(minibatch), len(micro_batches[0])
         share = parallel.share(minibatch)
         mine = [(share[i : i + size], 1.0) for i in range(0, len(share), size)] or [(minibatch[:1], 0.0)]
+        if parallel.fsdp:
+            # Under FSDP every forward and backward gathers parameters from all ranks, so all ranks run as many
+            # micro-batches: a rank with fewer runs one sample more with weight 0.
+            most = max(-(-len(part) // size) for part in np.array_split(minibatch, parallel.world_size))
+            mine += [(minibatch[:1], 0.0)] * (most - len(mine))
         self.optimizer.zero_grad(set_to_none=True)
         parts_sum: dict[str, float] = {}
         finite = True
@@ -143,13 +149,13 @@ class GuardedStep:
                 loss, parts = loss_fn(micro)
                 finite = finite and bool(torch.isfinite(loss))
                 weight = used * len(micro) / total
-                parallel.accelerator.backward(loss * weight * parallel.world_size)
+                parallel.backward(loss * weight * parallel.world_size)
             for key, value in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + (float(value) * weight if used else 0.0)
         keys = sorted(parts_sum)
         summed = parallel.sum(torch.tensor([float(not finite), *(parts_sum[k] for k in keys)], dtype=torch.float64))
         finite = summed[0].item() == 0
-        grad_norm = parallel.accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm) if finite else None
+        grad_norm = parallel.clip_grad_norm_(self.parameters, self.max_grad_norm) if finite else None
         if not finite or not torch.isfinite(grad_norm):
             return self._skip()
         self.consecutive_nonfinite = 0

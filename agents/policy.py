@@ -337,6 +337,10 @@ class VLMPolicy(nn.Module):
                 generation_config=self._generation_config(greedy),
                 logits_processor=LogitsProcessorList([TrackerLogits(tracker)]),
                 stopping_criteria=StoppingCriteriaList([TrackerStop(tracker)]),
+                # Each rank acts for its own envs, so ranks generate different numbers of tokens. transformers
+                # turns synced_gpus on for an FSDP-managed model (every rank steps until all are done, one
+                # all-reduce per token); ours acts with whole parameters and must not wait for the others.
+                synced_gpus=False,
             )
         finally:
             self._capture = None
@@ -549,10 +553,12 @@ class VLMPolicy(nn.Module):
         temperature (``config.temperature``), as PPO's ratios need; SFT and DPO likelihoods use 1.0.
 
         In a data-parallel run (``Run.prepare``) a pass with gradients goes through the DDP wrapper, whose
-        ``forward`` (this policy's :meth:`forward`) hooks the gradient all-reduce into backward.
+        ``forward`` (this policy's :meth:`forward`) hooks the gradient all-reduce into backward. Under FSDP
+        the policy is its own wrapper (sharded in place) and every pass goes through it: its hooks gather
+        each layer's parameters for the pass.
         """
         wrapper = self.__dict__.get("_data_parallel")
-        if wrapper is not None and torch.is_grad_enabled():
+        if wrapper is not None and (torch.is_grad_enabled() or wrapper is self):
             return wrapper(completions, temperature)
         return self.forward(completions, temperature)
 
@@ -634,23 +640,34 @@ class VLMPolicy(nn.Module):
             return self.evaluate(completions, temperature)
 
     # -- saving -------------------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> None:
-        """Write the adapter (or full weights), the value head and the options to ``directory``."""
+    def save(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the adapter (or full weights), the value head and the options to ``directory``.
+
+        ``state_dict``: the policy's whole state dict, when this process holds only a shard of it (FSDP;
+        ``DataParallel.policy_state``); by default the policy's own.
+        """
         from safetensors.torch import save_file
+
+        def part(prefix: str) -> dict[str, torch.Tensor] | None:
+            if state_dict is None:
+                return None
+            return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = asdict(self.config)
-        base_state = None
+        base_state = part("model.")
         if self.config.lora_rank > 0:
-            self.model.save_pretrained(directory / "adapter")
+            # PEFT keeps the adapter's weights only out of the state dict it is given.
+            given = {} if base_state is None else {"state_dict": base_state}
+            self.model.save_pretrained(directory / "adapter", **given)
             base_model = self.model.get_base_model()
             # PEFT wrapped the base model's linear layers in place (q_proj.weight is now
             # q_proj.base_layer.weight, beside lora_A/lora_B): save the base weights under their own names,
             # or loading the copy would re-initialise every adapted layer at random.
             base_state = {
                 key.replace(".base_layer.", "."): value
-                for key, value in base_model.state_dict().items()
+                for key, value in (part("model.base_model.model.") or base_model.state_dict()).items()
                 if "lora_" not in key
             }
         else:
@@ -662,7 +679,8 @@ class VLMPolicy(nn.Module):
             self.processor.save_pretrained(directory / "base")
             if self.processor.chat_template is None:
                 (directory / "base" / "chat_template.jinja").write_text(self.chat_template)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+        head = part("value_head.") or self.value_head.state_dict()
+        state = {k: v.detach().cpu().contiguous() for k, v in head.items()}
         save_file(state, str(directory / VALUE_HEAD_FILE))
         (directory / POLICY_FILE).write_text(json.dumps({"format": 1, "config": config}, indent=2))
 

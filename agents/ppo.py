@@ -242,35 +242,36 @@ def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:
             learning_rate = set_learning_rate(optimizer, update, config.num_updates, config.anneal_lr)
 
             # --- rollout: one batched act per vector step -------------------------------------------------
-            rollout = Rollout(config.num_steps, runner.num_envs)  # this rank's envs
-            act_seconds, tokens, invalid, frames, thoughts = 0.0, 0, 0, [], []
-            reward_terms: dict[str, float] = {}  # each reward module's mean per env step
-            for _ in range(config.num_steps):
-                step = runner.step(policy)
-                act_seconds, tokens, invalid = (
-                    act_seconds + step.act_seconds,
-                    tokens + step.generated_tokens,
-                    invalid + int(step.invalid.sum()),
-                )
-                thoughts.extend(step.thoughts_true[~np.isnan(step.thoughts_true)])
-                if config.video_every and (update + 1) % config.video_every == 0:
-                    frames.append(np.asarray(step.observations["image"][0]))
-                # A truncated episode is bootstrapped from the value of its final observation.
-                cut = list(step.final_observations)
-                final_values = (
-                    dict(zip(cut, policy.values([step.final_observations[i] for i in cut], spec).tolist()))
-                    if cut
-                    else {}
-                )
-                scored = reward_set(
-                    step.observations, step.completions, step.infos, env_rewards=step.rewards,
-                    terminated=step.terminated, truncated=step.truncated, next_observations=step.next_observations,
-                )  # fmt: skip
-                rewards = scored.total
-                for name, value in scored.metrics().items():
-                    reward_terms[name] = reward_terms.get(name, 0.0) + value / config.num_steps
-                rollout.add(step.completions, rewards, step.terminated, step.truncated, final_values)
-            rollout.finish(policy.values(runner.observations, spec).numpy(), config.gamma, config.gae_lambda)
+            with run.whole_policy(policy):  # act on whole parameters (FSDP gathers them once)
+                rollout = Rollout(config.num_steps, runner.num_envs)  # this rank's envs
+                act_seconds, tokens, invalid, frames, thoughts = 0.0, 0, 0, [], []
+                reward_terms: dict[str, float] = {}  # each reward module's mean per env step
+                for _ in range(config.num_steps):
+                    step = runner.step(policy)
+                    act_seconds, tokens, invalid = (
+                        act_seconds + step.act_seconds,
+                        tokens + step.generated_tokens,
+                        invalid + int(step.invalid.sum()),
+                    )
+                    thoughts.extend(step.thoughts_true[~np.isnan(step.thoughts_true)])
+                    if config.video_every and (update + 1) % config.video_every == 0:
+                        frames.append(np.asarray(step.observations["image"][0]))
+                    # A truncated episode is bootstrapped from the value of its final observation.
+                    cut = list(step.final_observations)
+                    final_values = (
+                        dict(zip(cut, policy.values([step.final_observations[i] for i in cut], spec).tolist()))
+                        if cut
+                        else {}
+                    )
+                    scored = reward_set(
+                        step.observations, step.completions, step.infos, env_rewards=step.rewards,
+                        terminated=step.terminated, truncated=step.truncated, next_observations=step.next_observations,
+                    )  # fmt: skip
+                    rewards = scored.total
+                    for name, value in scored.metrics().items():
+                        reward_terms[name] = reward_terms.get(name, 0.0) + value / config.num_steps
+                    rollout.add(step.completions, rewards, step.terminated, step.truncated, final_values)
+                rollout.finish(policy.values(runner.observations, spec).numpy(), config.gamma, config.gae_lambda)
             # Every rank holds the global batch from here on (see agents/parallel.py): advantage normalisation
             # and the minibatch order are the single-process ones.
             rollout = Rollout.join(run.gather(rollout))

@@ -27,7 +27,7 @@ import shutil
 import time
 import typing
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -614,6 +614,24 @@ class Run:
         """``obj`` of every rank in rank order (``[obj]`` in one process)."""
         return [obj] if self.parallel is None else self.parallel.gather(obj)
 
+    def whole_policy(self, policy) -> contextlib.AbstractContextManager[None]:
+        """A block in which every rank holds the policy's whole parameters: acting (``act``, ``values``) goes
+        inside one. Only FSDP shards them (:meth:`~agents.parallel.DataParallel.whole_parameters`); every
+        rank must enter it. Otherwise it does nothing."""
+        return contextlib.nullcontext() if self.parallel is None else self.parallel.whole_parameters(policy)
+
+    def on_main(self, work: Callable[[], Any]) -> Any:
+        """``work()`` run by rank 0 alone, its result handed to every rank (in one process: ``work()``).
+
+        For a step one process does for all, such as playing a round whose store every rank then reads. The
+        other ranks wait for it, so it must be shorter than ``collective_timeout_s``.
+        """
+        if self.parallel is None:
+            return work()
+        result = work() if self.is_main else None
+        self.parallel.wait()
+        return self.parallel.broadcast(result)
+
     def env_steps(self, runner: EnvRunner) -> int:
         """Environment steps taken by every rank's envs together."""
         if self.parallel is None:
@@ -735,19 +753,30 @@ class Run:
         the rest (optimizer, the shared generator, counters) is the same on every rank and saved once.
         """
         if self.parallel is not None:
+            parallel = self.parallel
             per_rank = {name: obj.state_dict() for name, obj in stateful.items() if isinstance(obj, EnvRunner)}
-            ranks = self.parallel.gather({"rng": rng_state(self.runner_rng), **per_rank})
-            stateful = {name: obj for name, obj in stateful.items() if name not in per_rank}
+            ranks = parallel.gather({"rng": rng_state(self.runner_rng), **per_rank})
+            # Under FSDP each rank holds a shard of the policy and of the optimizer's state: gathered on rank 0.
+            states = {
+                name: parallel.optimizer_state(policy, obj)
+                if isinstance(obj, torch.optim.Optimizer)
+                else obj.state_dict()
+                for name, obj in stateful.items()
+                if name not in per_rank
+            }
+            policy_state = parallel.policy_state(policy)
             if self.is_main:
-                state = self._trainer_state(update, stateful)
+                state = self._trainer_state(update, states)
                 state.update(world_size=self.world_size, ranks=ranks)
-                save_checkpoint(self.run_dir, update, policy, state, keep=self.config.keep_checkpoints)
-            self.parallel.wait()
+                save_checkpoint(
+                    self.run_dir, update, policy, state, keep=self.config.keep_checkpoints, policy_state=policy_state
+                )
+            parallel.wait()
             return self.run_dir / "checkpoints" / f"update-{update:06d}"
-        state = self._trainer_state(update, stateful)
+        state = self._trainer_state(update, {name: obj.state_dict() for name, obj in stateful.items()})
         return save_checkpoint(self.run_dir, update, policy, state, keep=self.config.keep_checkpoints)
 
-    def _trainer_state(self, update: int, stateful: dict[str, Any]) -> dict[str, Any]:
+    def _trainer_state(self, update: int, states: dict[str, Any]) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
             "algorithm": self.algorithm,
@@ -758,7 +787,7 @@ class Run:
             "rng": rng_state(self.generator),
             "wandb_id": self.logger.wandb_id,
             "log_rows": self.logger.rows(),
-            **{name: obj.state_dict() for name, obj in stateful.items()},
+            **states,
         }
 
     def evaluate(self, policy) -> dict[str, float]:
@@ -767,18 +796,19 @@ class Run:
         from agents.evaluation import evaluate_policy
 
         config = self.config
-        if not self.is_main:  # rank 0 evaluates and logs; the others go on to the next collective
-            return {}
-        return evaluate_policy(
-            policy,
-            config.env_id,
-            config.env_kwargs,
-            config.eval_episodes,
-            num_envs=config.num_envs,
-            seed=10_000 + config.seed,
-            invalid_default_action=config.invalid_default_action,
-            success_rule=config.success_rule,
-        )
+        with self.whole_policy(policy):  # every rank calls it; under FSDP they gather the parameters together
+            if not self.is_main:  # rank 0 evaluates and logs; the others go on to the next collective
+                return {}
+            return evaluate_policy(
+                policy,
+                config.env_id,
+                config.env_kwargs,
+                config.eval_episodes,
+                num_envs=config.num_envs,
+                seed=10_000 + config.seed,
+                invalid_default_action=config.invalid_default_action,
+                success_rule=config.success_rule,
+            )
 
     def finish(self, policy, runner: EnvRunner | None = None, global_step: int | None = None) -> Path:
         """Close the envs, run the final greedy evaluation, draw the learning curve, release the directory."""
@@ -787,8 +817,8 @@ class Run:
         if runner is not None:
             global_step = self.env_steps(runner)
             runner.close()
-        if self.config.eval_episodes and self.is_main:
-            self.logger.log(eval_metrics(self.evaluate(policy)), global_step or 0)
+        if self.config.eval_episodes:
+            self.logger.log(eval_metrics(self.evaluate(policy)), global_step or 0)  # rank 0's logger alone writes
         self.logger.finish()
         if self.parallel is not None:
             self.parallel.wait()  # no rank leaves (and tears the process group down) before rank 0 is done

@@ -32,7 +32,13 @@ from agents.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = PolicyConfig(model="tiny", prompt_style="action", constrained=True, lora_rank=8, temperature=1.0)
-TIMING = {"charts/env_steps_per_s", "charts/tokens_per_s", "charts/samples_per_s"}
+TIMING = {
+    "charts/env_steps_per_s",
+    "charts/tokens_per_s",
+    "charts/samples_per_s",
+    "charts/pairs_per_s",
+    "charts/round_seconds",
+}
 COMMON = dict(env_id="vlmrl/Colour-v0", num_envs=4, learning_rate=1e-3, progress=False, sample_every=1)
 
 
@@ -61,6 +67,43 @@ def sft_config(run_dir: Path | None, data: Path, **overrides):
     options.update(run_dir=str(run_dir) if run_dir else None, policy=dataclasses.replace(TINY), sample_every=0)
     options.update(overrides)
     return SFTConfig(**options)
+
+
+def dpo_config(run_dir: Path | None, pairs: Path | None, **overrides):
+    from agents.dpo import DPOConfig
+
+    options = dict(COMMON, pairs=str(pairs) if pairs else "", epochs=2, batch_size=4, micro_batch_size=1)
+    options.update(run_dir=str(run_dir) if run_dir else None, held_out_fraction=0.25, checkpoint_every=1)
+    options.update(policy=dataclasses.replace(TINY), sample_every=0)
+    options.update(overrides)
+    return DPOConfig(**options)
+
+
+def iterated_dpo_config(run_dir: Path | None, **overrides):
+    options = dict(rounds=2, episodes_per_round=4, group_size=2, batch_size=2, micro_batch_size=1)
+    return dpo_config(run_dir, None, **{**options, **overrides})
+
+
+def expert_pairs(demos: Path, out: Path) -> Path:
+    """Preference pairs from expert demonstrations: at each demonstrated state, the expert's colour over each
+    wrong one."""
+    import envs
+    from agents.pairs import build_pairs, save_pairs
+    from agents.trajectories import StepRecord, TrajectoryWriter, load_trajectories
+
+    names = envs.get_language("vlmrl/Colour-v0").action_names
+    with TrajectoryWriter(out / "wrong") as writer:
+        for row in load_trajectories(demos):
+            for shift in (1, 2):
+                wrong = (row["action"] + shift) % len(names)
+                step = StepRecord(np.asarray(row["image"].convert("RGB")), row["step_text"], names[wrong], wrong,
+                                  0.0, True, False, action_name=names[wrong])  # fmt: skip
+                writer.add_episode(
+                    [step], env_id=row["env_id"], seed=row["seed"], prompt_style="action", source="run:test"
+                )
+    pairs, _ = build_pairs([demos, out / "wrong"], mode="expert")
+    save_pairs(pairs, out / "pairs")
+    return out / "pairs"
 
 
 def per_env_sampling() -> None:
@@ -135,7 +178,17 @@ CHILD = textwrap.dedent(
 )
 
 
-def launch(tmp_path: Path, jobs: list[tuple[str, object]], name: str, fault: str | None = None) -> subprocess.Popen:
+#: What ``accelerate launch --config_file configs/accelerate/fsdp.yaml`` sets for the processes it starts.
+FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}
+
+
+def launch(
+    tmp_path: Path,
+    jobs: list[tuple[str, object]],
+    name: str,
+    fault: str | None = None,
+    environment: dict[str, str] | None = None,
+) -> subprocess.Popen:
     """Start ``torchrun --nproc-per-node 2`` on the jobs ``[(algorithm, config)]``, in sequence."""
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(ROOT / "tests")))
@@ -148,6 +201,7 @@ def launch(tmp_path: Path, jobs: list[tuple[str, object]], name: str, fault: str
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if fault:
         env["VLMRL_TEST_FAULT"] = fault
+    env.update(environment or {})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     return subprocess.Popen(
         [*command, str(script), json.dumps(paths)],
@@ -176,25 +230,29 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """One launch of two processes: a PPO run, a GRPO run, an SFT run and a PPO run with a GPU run's options."""
+    """One launch of two processes: a PPO run, a GRPO run, an SFT run, an offline and an iterated DPO run, and
+    a PPO run with a GPU run's options."""
     from agents.trajectories import collect_expert
 
     tmp_path = tmp_path_factory.mktemp("two")
     collect_expert("vlmrl/Colour-v0", tmp_path / "demos", episodes=6, seed=0, prompt_style="action")
+    expert_pairs(tmp_path / "demos", tmp_path)
     gpu_options = dataclasses.replace(TINY, dtype="bfloat16", gradient_checkpointing=True, attn_implementation="sdpa")
     jobs = [
         ("ppo", ppo_config(tmp_path / "ppo")),
         ("grpo", grpo_config(tmp_path / "grpo")),
         ("sft", sft_config(tmp_path / "sft", tmp_path / "demos")),
+        ("dpo", dpo_config(tmp_path / "dpo", tmp_path / "pairs")),
+        ("dpo", iterated_dpo_config(tmp_path / "dpo-rounds")),
         ("ppo", ppo_config(tmp_path / "bf16", total_env_steps=8, kl_coef=0.05, policy=gpu_options)),
     ]
     finish(launch(tmp_path, jobs, "both"))
     return tmp_path
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "sft"])
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "sft", "dpo", "dpo-rounds"])
 def test_two_processes_give_the_parameters_of_one(two_processes, tmp_path, monkeypatch, algorithm):
-    from agents import grpo, ppo, sft
+    from agents import dpo, grpo, ppo, sft
     from agents.rollout import EnvRunner
 
     monkeypatch.setattr(EnvRunner, "step", EnvRunner.step)  # undone after the test
@@ -204,8 +262,12 @@ def test_two_processes_give_the_parameters_of_one(two_processes, tmp_path, monke
         one, last = ppo.train(ppo_config(tmp_path / "one")), "update-000003"
     elif algorithm == "grpo":
         one, last = grpo.train(grpo_config(tmp_path / "one")), "update-000002"
-    else:  # 6 demonstration steps in batches of 4: each epoch's last batch (2 steps) gives each rank one
+    elif algorithm == "sft":  # 6 demonstration steps in batches of 4: each epoch's last batch (2) gives each rank one
         one, last = sft.train(sft_config(tmp_path / "one", two_processes / "demos")), "update-000004"
+    elif algorithm == "dpo":  # 4 pairs, 1 held out: each epoch is one batch of 3, split 2 + 1 over the ranks
+        one, last = dpo.train(dpo_config(tmp_path / "one", two_processes / "pairs")), "update-000002"
+    else:  # rank 0 plays each round alone; both ranks train on it
+        one, last = dpo.train(iterated_dpo_config(tmp_path / "one")), "update-000002"
     two = two_processes / algorithm
     expected, actual = parameters(one / "checkpoints" / last), parameters(two / "checkpoints" / last)
     start = load_policy("tiny", **{k: v for k, v in dataclasses.asdict(TINY).items() if k != "model"})
@@ -221,7 +283,7 @@ def test_two_processes_give_the_parameters_of_one(two_processes, tmp_path, monke
             assert b[key] == pytest.approx(a[key], abs=1e-5, nan_ok=True), key
     state = torch.load(two / "checkpoints" / last / "trainer.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
-    if algorithm != "sft":
+    if algorithm in ("ppo", "grpo"):
         assert [r["runner"]["num_envs"] for r in state["ranks"]] == [2, 2]
 
 
@@ -240,6 +302,82 @@ def test_bf16_lora_gradient_checkpointing_and_sdpa_train_under_ddp(two_processes
     dtypes = {str(v.dtype) for entry in state["optimizer"]["state"].values() for v in entry.values() if v.dim()}
     assert dtypes == {"torch.float32"}
     assert read_metrics(two_processes / "bf16" / "metrics.jsonl")[-1]["losses/kl_ref"] >= 0
+
+
+# --- FSDP: the same runs, sharded -----------------------------------------------------------------------------
+
+LAST = {"ppo": "update-000003", "grpo": "update-000002", "sft": "update-000004", "dpo": "update-000002"}
+LAST["dpo-rounds"] = "update-000002"
+
+
+def fsdp_jobs(two_processes: Path, out: Path, algorithms: list[str]) -> list[tuple[str, object]]:
+    configs = {
+        "ppo": lambda: ("ppo", ppo_config(out / "ppo")),
+        "grpo": lambda: ("grpo", grpo_config(out / "grpo")),
+        "sft": lambda: ("sft", sft_config(out / "sft", two_processes / "demos")),
+        "dpo": lambda: ("dpo", dpo_config(out / "dpo", two_processes / "pairs")),
+        "dpo-rounds": lambda: ("dpo", iterated_dpo_config(out / "dpo-rounds")),
+    }
+    return [configs[name]() for name in algorithms]
+
+
+def assert_same_run(actual: Path, expected: Path, last: str, atol: float = 1e-5) -> None:
+    """Two runs' checkpoint ``last`` (parameters and the optimizer's state) and metrics agree within ``atol``."""
+    expected_parameters, actual_parameters = (parameters(run / "checkpoints" / last) for run in (expected, actual))
+    for name, value in expected_parameters.items():
+        torch.testing.assert_close(actual_parameters[name], value, atol=atol, rtol=0, msg=name)
+    states = [torch.load(run / "checkpoints" / last / "trainer.pt", weights_only=False) for run in (expected, actual)]
+    [expected_optimizer, actual_optimizer] = [state["optimizer"] for state in states]
+    assert actual_optimizer["param_groups"] == expected_optimizer["param_groups"]
+    assert actual_optimizer["state"].keys() == expected_optimizer["state"].keys()
+    for index, entry in expected_optimizer["state"].items():
+        for key, value in entry.items():
+            torch.testing.assert_close(actual_optimizer["state"][index][key], value, atol=atol, rtol=0)
+    for a, b in zip(*(without_timing(read_metrics(run / "metrics.jsonl")) for run in (expected, actual)), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=atol, nan_ok=True), key
+
+
+@pytest.fixture(scope="module")
+def fsdp_processes(two_processes):
+    """The PPO and offline DPO runs of ``two_processes`` again, sharded with FSDP2 (what fsdp.yaml sets)."""
+    out = two_processes / "fsdp"
+    finish(launch(two_processes, fsdp_jobs(two_processes, out, ["ppo", "dpo"]), "fsdp", environment=FSDP))
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "dpo"])
+def test_fsdp_gives_the_parameters_of_ddp_and_a_checkpoint_one_process_loads(two_processes, fsdp_processes, algorithm):
+    """Sharded, the runs compute what DDP computes (which is what one process computes): acting on gathered
+    whole parameters, micro-batches padded to the same count on every rank, the gradient reduce-scattered.
+    Their checkpoints hold the whole policy and optimizer state, so one process evaluates them."""
+    from agents.evaluation import evaluate_checkpoint
+
+    assert_same_run(fsdp_processes / algorithm, two_processes / algorithm, LAST[algorithm])
+    result = evaluate_checkpoint(str(fsdp_processes / algorithm), episodes=2, device="cpu")
+    assert 0 <= result["success_rate"] <= 1
+
+
+@pytest.mark.slow
+def test_fsdp_runs_every_algorithm_and_resumes_as_ddp_does(two_processes, tmp_path):
+    """GRPO, SFT and iterated DPO sharded agree with DDP; an FSDP run resumed from a checkpoint (its optimizer
+    state re-sharded) goes on as a DDP run resumed from the same checkpoint does. (The two are compared with
+    each other, not with the run that was never stopped: the test's per-env sampling seeds restart with the
+    resumed process.)"""
+    import shutil
+
+    out = tmp_path / "fsdp"
+    finish(launch(tmp_path, fsdp_jobs(two_processes, out, ["grpo", "sft", "dpo-rounds"]), "fsdp", environment=FSDP))
+    for algorithm in ("grpo", "sft", "dpo-rounds"):
+        assert_same_run(out / algorithm, two_processes / algorithm, LAST[algorithm])
+    resumed = {}
+    for name, environment in (("ddp", {}), ("fsdp", FSDP)):
+        resumed[name] = shutil.copytree(two_processes / "ppo", tmp_path / f"resumed-{name}")
+        shutil.rmtree(resumed[name] / "checkpoints" / "update-000003")
+        job = [("ppo", ppo_config(None, resume=str(resumed[name])))]
+        finish(launch(tmp_path, job, f"resume-{name}", environment=environment))
+    assert_same_run(resumed["fsdp"], resumed["ddp"], "update-000003")
 
 
 def test_a_killed_two_process_run_resumes_exactly(two_processes, tmp_path):
@@ -310,18 +448,22 @@ def test_a_world_size_that_does_not_divide_the_envs_or_groups_is_refused(tmp_pat
 @pytest.mark.parametrize(
     ("environment", "message"),
     [
-        ({"ACCELERATE_USE_FSDP": "true"}, "FSDP shards parameters"),
-        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "deepspeed|ZeRO-3"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1; vlmrl shards with FSDP2 only"),
+        ({**FSDP, "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "fsdp_cpu_ram_efficient_loading: true"),
+        ({**FSDP, "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params: true is not supported"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed"),
     ],
 )
-def test_fsdp_and_deepspeed_configs_are_refused_with_what_to_do(monkeypatch, environment, message):
+def test_fsdp_settings_and_deepspeed_configs_that_cannot_run_are_refused_with_what_to_do(
+    monkeypatch, environment, message
+):
     from agents.parallel import check_distributed_type
 
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=message) as refused:
         check_distributed_type()
-    assert "ddp.yaml" in str(refused.value)
+    assert "configs/accelerate/" in str(refused.value)
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
@@ -332,6 +474,10 @@ def test_shipped_accelerate_configs_are_valid(name):
     assert config.distributed_type.name == {"ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(name, "DEEPSPEED")
     if name.startswith("deepspeed"):
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
+    if name == "fsdp":  # the settings check_distributed_type accepts
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_version"] == 2 and not fsdp["fsdp_cpu_ram_efficient_loading"]
+        assert not fsdp["fsdp_offload_params"]
 
 
 # --- GPU readiness, checked on CPU --------------------------------------------------------------------------------
