@@ -354,14 +354,21 @@ class VLAPolicy(nn.Module):
         spec = spec[0] if isinstance(spec, list) else spec
         return self.value_head(self.features(observations, spec)).cpu()
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """The backbone as :meth:`VLMPolicy.save` writes it (adapter or weights, value head, options), plus
-        the action head's weights and options."""
+        the action head's weights and options. ``state_dict``: this policy's whole state dict, when the
+        process holds only a shard of it (as :meth:`VLMPolicy.save` takes it); by default its own."""
         from safetensors.torch import save_file
 
+        def part(prefix: str) -> dict[str, torch.Tensor] | None:
+            if state_dict is None:
+                return None
+            return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+
         directory = Path(directory)
-        self.backbone.save(directory)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        self.backbone.save(directory, state_dict=part("backbone."))
+        head_state = part("head.")
+        state = {k: v.detach().cpu().contiguous() for k, v in (head_state or self.head.state_dict()).items()}
         save_file(state, str(directory / HEAD_FILE))
         (directory / VLA_FILE).write_text(json.dumps({"format": 1, "head": asdict(self.head_config)}, indent=2))
 
