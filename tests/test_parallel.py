@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -137,8 +136,19 @@ def per_env_sampling() -> None:
         finally:
             del policy.act
 
+    # The call count is part of what decides the answers, so a resumed run must start from the saved one,
+    # as it does from the saved RNG states.
+    real_state_dict, real_load_state_dict = EnvRunner.state_dict, EnvRunner.load_state_dict
+
+    def state_dict(self):
+        return {**real_state_dict(self), "calls": getattr(self, "calls", 0)}
+
+    def load_state_dict(self, state):
+        real_load_state_dict(self, state)
+        self.calls = state["calls"]
+
     step.per_env = True
-    EnvRunner.step = step
+    EnvRunner.step, EnvRunner.state_dict, EnvRunner.load_state_dict = step, state_dict, load_state_dict
 
 
 def inject_fault() -> None:
@@ -387,8 +397,9 @@ def test_a_killed_two_process_run_resumes_exactly(two_processes, tmp_path):
     while not (run_dir / "checkpoints" / "update-000001").exists() and process.poll() is None:
         assert time.time() < deadline, "the run never wrote its first checkpoint"
         time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.0))
     os.killpg(process.pid, signal.SIGKILL)
+    # Else the resumed run would have nothing left to do, and the comparison below would prove nothing.
+    assert not (run_dir / "checkpoints" / "update-000003").exists(), "the kill came after the run had ended"
     process.communicate()
     finish(launch(tmp_path, [("ppo", ppo_config(None, resume=str(run_dir)))], "resumed"))
     straight = two_processes / "ppo"
