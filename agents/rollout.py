@@ -99,8 +99,9 @@ class ContinuousActions(gym.Wrapper):
     the action space is ``env.unwrapped.continuous_action_space`` (Reach and Push).
 
     ``step_continuous`` is the env's own method, so Gymnasium's wrappers from ``gym.make`` (``TimeLimit``,
-    the order and passive checkers) are bypassed: the env must end its episodes itself, as Reach and Push do
-    (they truncate at their own ``max_steps``, which equals their registered limit).
+    the order and passive checkers) are bypassed; the registered ``max_episode_steps`` is therefore applied
+    here (an episode is truncated when it reaches it), so that an env that does not end its own episodes
+    still ends them (Reach and Push truncate at their own ``max_steps``, which equals their registered limit).
     """
 
     def __init__(self, env: gym.Env) -> None:
@@ -113,9 +114,21 @@ class ContinuousActions(gym.Wrapper):
                 "step_continuous); use a discrete action head."
             )
         self.action_space = inner.continuous_action_space
+        self.max_episode_steps = env.spec.max_episode_steps if env.spec is not None else None
+        self.elapsed = 0
+
+    def reset(self, **kwargs: Any):
+        self.elapsed = 0
+        return self.env.reset(**kwargs)
 
     def step(self, action: Any):
-        return self.env.unwrapped.step_continuous(np.asarray(action, dtype=np.float64))
+        observation, reward, terminated, truncated, info = self.env.unwrapped.step_continuous(
+            np.asarray(action, dtype=np.float64)
+        )
+        self.elapsed += 1
+        if self.max_episode_steps is not None and self.elapsed >= self.max_episode_steps:
+            truncated = True
+        return observation, reward, terminated, truncated, info
 
 
 def make_vector_env(

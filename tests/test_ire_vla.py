@@ -293,3 +293,35 @@ def test_continuous_expert_reaches_and_is_stored(reach_store):
     env.reset(seed=0)
     gap = env.unwrapped.target_pos - env.unwrapped.gripper_pos
     np.testing.assert_allclose(env.unwrapped.expert_continuous_action(), np.clip(gap / 0.04, -1, 1), rtol=1e-6)
+
+
+class _Endless(gym.Env):
+    """A continuous-action env that never ends an episode by itself."""
+
+    observation_space = gym.spaces.Discrete(1)
+    action_space = gym.spaces.Discrete(2)
+    continuous_action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return 0, {}
+
+    def step(self, action):
+        return 0, 0.0, False, False, {}
+
+    def step_continuous(self, action):
+        return 0, 0.0, False, False, {}
+
+
+def test_continuous_steps_keep_the_registered_time_limit():
+    from agents.rollout import ContinuousActions
+
+    gym.register("test/Endless-v0", entry_point=_Endless, max_episode_steps=3)
+    try:
+        env = ContinuousActions(gym.make("test/Endless-v0"))
+        for _ in range(2):  # a reset starts the count again
+            env.reset(seed=0)
+            truncated = [env.step(np.zeros(2))[3] for _ in range(3)]
+            assert truncated == [False, False, True]
+    finally:
+        gym.registry.pop("test/Endless-v0")
