@@ -6,8 +6,9 @@ about which column it came from), and asks which answer is better: A, B, equally
 label is appended to a JSON-lines file as one line (row, labeller, UTC time, choice, which column the
 preferred answer was in), flushed and fsync'ed before the page moves on, so a crash loses at most the
 label being written and a half-written last line is ignored on reading. A labeller who comes back starts
-at the first row they have not labelled. :func:`labelled_pairs` turns the labels into a preference set
-(``images, prompt, chosen, rejected``) for ``vlmrl reward-model train``.
+at the first row they have not labelled; a pair labelled again by the same labeller (a double click, a
+resent form) keeps its first label. Keys a, b, t and s press the buttons. :func:`labelled_pairs` turns the
+labels into a preference set (``images, prompt, chosen, rejected``) for ``vlmrl reward-model train``.
 
 The pairs are any preference set in TRL's format (``images``, ``prompt``, ``chosen``, ``rejected``: the
 two candidate answers; their columns are only the order in which they were proposed).
@@ -88,6 +89,7 @@ class Labeller:
         self.pairs = pairs
         self.store = store
         self.keys = [pair_key(pairs[i]) for i in range(len(pairs))]
+        self.lock = threading.Lock()  # the server answers each request in a thread
 
     def done_rows(self, labeller: str) -> set[int]:
         return {label["row"] for label in self.store.read() if label["labeller"] == labeller}
@@ -103,12 +105,19 @@ class Labeller:
             raise ValueError("a label needs the labeller's name.")
         if not 0 <= row < len(self.pairs):
             raise ValueError(f"row {row} is not in the pair set (0 .. {len(self.pairs) - 1}).")
+        with self.lock:
+            return self._record_once(row, choice, labeller.strip())
+
+    def _record_once(self, row: int, choice: str, labeller: str) -> dict[str, Any]:
+        earlier = [label for label in self.store.read() if label["row"] == row and label["labeller"] == labeller]
+        if earlier:  # a second click or a resent form: the first label stands, and the file has each pair once
+            return earlier[0]
         a_chosen = a_is_chosen(row, self.keys[row])
         preferred = {"a": "chosen" if a_chosen else "rejected", "b": "rejected" if a_chosen else "chosen"}.get(choice)
         label = {
             "row": row,
             "key": self.keys[row],
-            "labeller": labeller.strip(),
+            "labeller": labeller,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "choice": choice,
             "preferred_column": preferred,
@@ -133,7 +142,7 @@ class Labeller:
         a_chosen = a_is_chosen(row, self.keys[row])
         first, second = (pair["chosen"], pair["rejected"]) if a_chosen else (pair["rejected"], pair["chosen"])
         buttons = "".join(
-            f'<button name="choice" value="{choice}" accesskey="{choice[0]}">{text}</button> '
+            f'<button name="choice" value="{choice}" accesskey="{choice[0]}">{text} ({choice[0]})</button> '
             for choice, text in (("a", "A is better"), ("b", "B is better"), ("tie", "Equally good"), ("skip", "Skip"))
         )
         body = (
@@ -142,7 +151,7 @@ class Labeller:
             f"<h3>Prompt</h3><pre>{html.escape(_text(pair['prompt']))}</pre>"
             f"<h3>A</h3><pre>{html.escape(_text(first))}</pre><h3>B</h3><pre>{html.escape(_text(second))}</pre>"
             f'<form method="post" action="/label"><input type="hidden" name="row" value="{row}">'
-            f'<input type="hidden" name="labeller" value="{name}">{buttons}</form>'
+            f'<input type="hidden" name="labeller" value="{name}">{buttons}</form>{KEYS_SCRIPT}'
         )
         return _html("Which answer is better?", body)
 
@@ -157,6 +166,19 @@ class Labeller:
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="PNG")
         return buffer.getvalue()
+
+
+#: One key per button (a, b, t, s: the letter after its label), without a modifier: access keys need Alt (or
+#: Alt+Shift, by browser), which is slow over hundreds of pairs. Only the first press sends the form, so a
+#: key held down or pressed twice cannot label the next pair unseen.
+KEYS_SCRIPT = """<script>
+let sent = false;
+document.addEventListener("keydown", (event) => {
+  if (sent || event.repeat || event.ctrlKey || event.metaKey || event.altKey) return;
+  const button = document.querySelector(`button[accesskey="${event.key.toLowerCase()}"]`);
+  if (button) { sent = true; event.preventDefault(); button.click(); }
+});
+</script>"""
 
 
 def _text(value: Any) -> str:

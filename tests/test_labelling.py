@@ -72,6 +72,9 @@ def test_the_page_over_http(pairs, tmp_path):
         status, location, _ = request("POST", "/label", urlencode({"row": 0, "choice": "b", "labeller": "Ann Lee"}))
         assert status == 303 and location == "/?labeller=Ann%20Lee"
         assert b"pair 2 of 3" in request("GET", location)[2]
+        # The same form sent again (a double click): the first label stands, once.
+        status, location, _ = request("POST", "/label", urlencode({"row": 0, "choice": "a", "labeller": "Ann Lee"}))
+        assert status == 303 and b"pair 2 of 3" in request("GET", location)[2]
         status, _, message = request("POST", "/label", urlencode({"row": 9, "choice": "a", "labeller": "Ann Lee"}))
         assert status == 400 and b"row 9" in message
         [label] = LabelStore(tmp_path / "labels.jsonl").read()
@@ -89,3 +92,80 @@ def test_reward_model_training_refuses_labels_that_label_nothing(pairs, tmp_path
     config = RewardTrainConfig(pairs="-", out=str(tmp_path / "rm"), labels=str(labeller.store.path))
     with pytest.raises(ValueError, match=r"the pairs labelled in .* has no pairs"):
         train_reward_model(config, pairs=pairs)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_labelling_in_a_browser(tmp_path):
+    """`vlmrl label` in headless Chromium: three pairs labelled by mouse and by key, then a reload."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[browser]')"
+    )
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no browser at {CHROMIUM} (Debian: apt-get install chromium)")
+
+    pairs = expert_pairs("vlmrl/GridWorld-v0", 5, env_kwargs={"size": 4, "n_walls": 0})
+    assert len(pairs) == 5
+    pairs.save_to_disk(str(tmp_path / "pairs"))
+    labels_path = tmp_path / "pairs" / "labels.jsonl"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "experiments.cli", "label", str(tmp_path / "pairs"), "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        first_line = server.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/", first_line)
+        assert url, f"vlmrl label printed {first_line!r}"
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.set_default_timeout(10_000)
+            page.goto(url.group(0))
+            page.fill("input[name=labeller]", "Ann Lee")
+            page.keyboard.press("Enter")
+            page.wait_for_selector("text=pair 1 of 5 (0 labelled)")
+            assert page.eval_on_selector("img", "image => image.naturalWidth") > 0
+
+            # Row 0: a click on "B is better"; row 1: key a; row 2: key b.
+            page.get_by_role("button", name="B is better").click()
+            page.wait_for_selector("text=pair 2 of 5 (1 labelled)")
+            page.keyboard.press("a")
+            page.wait_for_selector("text=pair 3 of 5 (2 labelled)")
+            page.keyboard.press("b")
+            page.wait_for_selector("text=pair 4 of 5 (3 labelled)")
+
+            page.reload()
+            page.wait_for_selector("text=pair 4 of 5 (3 labelled)")
+            assert page.get_attribute("input[name=row]", "value") == "3"
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+    labels = LabelStore(labels_path).read()
+    assert [(label["row"], label["choice"], label["labeller"]) for label in labels] == [
+        (0, "b", "Ann Lee"),
+        (1, "a", "Ann Lee"),
+        (2, "b", "Ann Lee"),
+    ]
+    keys = Labeller(pairs, LabelStore(labels_path)).keys
+    for label in labels:
+        a_chosen = a_is_chosen(label["row"], keys[label["row"]])
+        assert label["preferred_column"] == ("chosen" if a_chosen == (label["choice"] == "a") else "rejected")
