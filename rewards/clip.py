@@ -10,8 +10,9 @@ square"). With ``x`` the image embedding, all three unit-normalised, the reward 
 ``alpha = 1`` keeps only the component of ``x - g`` along the goal-baseline direction, removing what the
 two prompts share (the paper's "goal-baseline regularisation"; they use alpha 0.5). ``g`` and ``b`` are the
 means of several prompts' unit text embeddings, normalised again (averaging prompts steadies a small
-CLIP's text side). The paper reports that small CLIPs work poorly zero-shot: ``clip-adapt``-style
-fine-tuning on the env's frames is the remedy (not here yet).
+CLIP's text side). The paper reports that small CLIPs work poorly zero-shot: ``vlmrl clip-adapt``
+(:func:`main` below) fine-tunes one contrastively on an env's expert frames and their captions (on Reach
+the adapted tiny CLIP still ranks frames by distance at rho ~0: README).
 
 Any Hugging Face CLIP or SigLIP works (``AutoModel`` with ``get_text_features``/``get_image_features``,
 its tokenizer and image processor), by hub id or local directory; ``"tiny-clip"`` is a randomly
