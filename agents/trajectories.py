@@ -574,10 +574,15 @@ def load_trajectories(path: str | os.PathLike, skip_bad_shards: bool = False) ->
 
 
 def check_store(
-    dataset: datasets.Dataset, env_id: str | None = None, required_columns: Sequence[str] = COLUMNS
+    dataset: datasets.Dataset,
+    env_id: str | None = None,
+    required_columns: Sequence[str] = COLUMNS,
+    env_kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Raise a ``ValueError`` that says what is wrong unless ``dataset`` is a non-empty set of store rows
-    with ``required_columns`` and, when ``env_id`` is given, only that environment's steps."""
+    with ``required_columns`` and, when ``env_id`` is given, only that environment's steps, and, when
+    ``env_kwargs`` is given, only steps played with those env options (a policy trained on other options
+    would see other prompts and images than it will act on)."""
     if isinstance(dataset, datasets.DatasetDict):
         raise ValueError(
             f"Got a DatasetDict with splits {list(dataset)}; pass one split (load_dataset(..., split='train'))."
@@ -597,6 +602,14 @@ def check_store(
         found = sorted(set(_column(dataset, "env_id")))
         if found != [env_id]:
             raise ValueError(f"The dataset holds steps of {found}, not only of {env_id!r}.")
+    if env_kwargs is not None:
+        options = {json.dumps(json.loads(o or "{}"), sort_keys=True) for o in dataset.unique("env_options")}
+        wanted = json.dumps(env_kwargs, sort_keys=True)
+        if options != {wanted}:
+            raise ValueError(
+                f"The dataset was collected with env options {sorted(options)}, not this run's {wanted}: collect "
+                "with the experiment's options, or pass the same env options here."
+            )
 
 
 def _column(dataset: datasets.Dataset, name: str) -> list:
