@@ -55,7 +55,10 @@ def save_checkpoint(
     staging = root / f".staging-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    policy.save(staging / POLICY_DIR, state_dict=policy_state)
+    if policy_state is None:
+        policy.save(staging / POLICY_DIR)
+    else:
+        policy.save(staging / POLICY_DIR, state_dict=policy_state)
     torch.save(trainer_state, staging / TRAINER_STATE)
     files = {str(p.relative_to(staging)): _sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
     (staging / MANIFEST).write_text(json.dumps({"update": update, "files": files}, indent=1))

@@ -265,7 +265,8 @@ def test_two_processes_give_the_parameters_of_one(two_processes, tmp_path, monke
     from agents import dpo, grpo, ppo, sft
     from agents.rollout import EnvRunner
 
-    monkeypatch.setattr(EnvRunner, "step", EnvRunner.step)  # undone after the test
+    for name in ("step", "state_dict", "load_state_dict"):  # per_env_sampling's patches, undone after the test
+        monkeypatch.setattr(EnvRunner, name, getattr(EnvRunner, name))
     per_env_sampling()
     torch.set_num_threads(1)
     if algorithm == "ppo":
