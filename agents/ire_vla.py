@@ -280,7 +280,7 @@ def load_expert_demos(config: IReVLAConfig, head: HeadConfig) -> list[Demo]:
         dataset = load_trajectories(config.data, skip_bad_shards=config.skip_bad_shards)
         check_store(dataset, env_id=config.env_id, env_kwargs=config.env_kwargs)
     except ValueError as error:
-        raise ConfigError(f"--data {config.data}: {error} Collect expert data of {config.env_id}.") from None
+        raise ConfigError(f"--data {config.data}: {error}") from None
     return store_demos(dataset, head, config.data)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -196,15 +197,18 @@ def parse(experiment: str | None, algorithm: str, args: list[str] | None = None)
 
 def summarize(run_dir: Path) -> dict[str, float]:
     """First and last success rates of a run (from its metrics.jsonl), for the console."""
-    rows = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "charts/success_rate" in r]
+    metrics = read_metrics(Path(run_dir) / "metrics.jsonl")
+    rows = [r for r in metrics if "charts/success_rate" in r]
     summary: dict[str, Any] = {"run_dir": str(run_dir)}
     if rows:
         summary.update(
-            env_steps=rows[-1]["global_step"],
+            # The last row logged, not the last with a success rate: an update in which no episode ended
+            # logs none, and GRPO's rounds end on whole episodes (so a run may pass its budget a little).
+            env_steps=max(r.get("global_step", 0) for r in metrics),
             first_success_rate=rows[0]["charts/success_rate"],
             last_success_rate=rows[-1]["charts/success_rate"],
         )
-    evals = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "eval/success_rate" in r]
+    evals = [r for r in metrics if "eval/success_rate" in r]
     if evals:
         summary["eval_success_rate"] = evals[-1]["eval/success_rate"]
     return summary
@@ -215,9 +219,10 @@ def run(experiment: str | None, args: list[str] | None = None, algorithm: str = 
     config, defaults = parse(experiment, algorithm, args)
     module = importlib.import_module(ALGORITHMS[algorithm][0])
     run_dir = module.train(config, defaults)
-    print(json.dumps(summarize(run_dir), indent=2))
-    if (Path(run_dir) / "learning_curve.png").exists():
-        print(f"learning curve: {Path(run_dir) / 'learning_curve.png'}")
+    if os.environ.get("RANK", "0") == "0":  # under a launcher, rank 0 alone reports (it alone wrote the files)
+        print(json.dumps(summarize(run_dir), indent=2))
+        if (Path(run_dir) / "learning_curve.png").exists():
+            print(f"learning curve: {Path(run_dir) / 'learning_curve.png'}")
     return run_dir
 
 
