@@ -598,7 +598,9 @@ def train(config: IReVLAConfig, defaults: IReVLAConfig | None = None) -> Path:
         spec = runner.spec
         reward_set = run.make_rewards(config.reward, config.gamma, policy)
 
-        for unit in run.updates(1 + config.rounds, config.stage1_updates * config.rollout_size):
+        stage1_steps = config.stage1_updates * config.rollout_size
+        # Unit 0 (behaviour cloning) plays no env step: the bar counts the rounds' stage-1 steps only.
+        for unit in run.updates(1 + config.rounds, stage1_steps, total_steps=config.rounds * stage1_steps):
             start = time.perf_counter()
             if unit == 0:
                 metrics = supervised_stage(

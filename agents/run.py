@@ -690,12 +690,13 @@ class Run:
         self.generator.bit_generator.state = self.state["rng"]["generator"]
 
     # -- the loop -------------------------------------------------------------------------------------------
-    def updates(self, num_updates: int, steps_per_update: int) -> Iterator[int]:
-        """The update indices still to run, with a progress bar in environment steps."""
+    def updates(self, num_updates: int, steps_per_update: int, total_steps: int | None = None) -> Iterator[int]:
+        """The update indices still to run, with a progress bar in environment steps (``total_steps`` of
+        them, by default ``num_updates * steps_per_update``: a loop whose units differ in size says so)."""
         self.num_updates = num_updates
         done = self.state["global_step"] if self.state else 0
         self.progress = tqdm(
-            total=num_updates * steps_per_update,
+            total=num_updates * steps_per_update if total_steps is None else total_steps,
             initial=done,
             disable=not (self.config.progress and self.is_main),
             unit="step",
