@@ -537,22 +537,13 @@ def rl_stage(
     return finished_all
 
 
-def stage_evaluation(policy: VLAPolicy, config: IReVLAConfig, stage: int) -> dict[str, float]:
-    """Greedy success on held-out seeds after a stage (the seeds of :meth:`Run.evaluate`)."""
-    from agents.evaluation import evaluate_policy
+def stage_evaluation(run: Run, policy: VLAPolicy, config: IReVLAConfig, stage: int) -> dict[str, float]:
+    """Greedy success on ``stage_eval_episodes`` held-out seeds after a stage (:meth:`Run.evaluate`'s)."""
     from agents.run import eval_metrics
 
     if not config.stage_eval_episodes:
         return {}
-    result = evaluate_policy(
-        policy,
-        config.env_id,
-        config.env_kwargs,
-        config.stage_eval_episodes,
-        num_envs=config.num_envs,
-        seed=10_000 + config.seed,
-        success_rule=config.success_rule,
-    )
+    result = run.evaluate(policy, config.stage_eval_episodes)
     return {f"ire/stage{stage}_success_rate": result["success_rate"], **eval_metrics(result)}
 
 
@@ -608,11 +599,11 @@ def train(config: IReVLAConfig, defaults: IReVLAConfig | None = None) -> Path:
                     train_backbone=config.stage0_train_backbone, online_fraction=0.0, config=config,
                     generator=run.generator,
                 )  # fmt: skip
-                metrics.update({"ire/round": 0.0, "ire/stage": 0.0, **stage_evaluation(policy, config, 0)})
+                metrics.update({"ire/round": 0.0, "ire/stage": 0.0, **stage_evaluation(run, policy, config, 0)})
                 finished: list[dict[str, float]] = []
             else:
                 finished = rl_stage(policy, runner, reward_set, config, run, unit)
-                evaluation = stage_evaluation(policy, config, 1)
+                evaluation = stage_evaluation(run, policy, config, 1)
                 if evaluation:
                     run.logger.log({"ire/round": float(unit), "ire/stage": 1.0, **evaluation}, runner.steps)
                 runner.recorder.writer.flush()
@@ -635,7 +626,7 @@ def train(config: IReVLAConfig, defaults: IReVLAConfig | None = None) -> Path:
                         "ire/online_steps": float(len(online)),
                         "ire/stored_success_episodes": float(runner.recorder.episodes_written),
                         "ire/expert_only": float(not online),
-                        **stage_evaluation(policy, config, 2),
+                        **stage_evaluation(run, policy, config, 2),
                     }
                 )
             metrics["ire/unit_seconds"] = time.perf_counter() - start

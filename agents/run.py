@@ -791,9 +791,9 @@ class Run:
             **states,
         }
 
-    def evaluate(self, policy) -> dict[str, float]:
-        """Greedy evaluation on ``eval_episodes`` held-out seeds (10,000 + seed upward: never a training
-        seed of the runner, nor of ``vlmrl collect``'s default 0 upward)."""
+    def evaluate(self, policy, episodes: int | None = None) -> dict[str, float]:
+        """Greedy evaluation on ``episodes`` (default ``eval_episodes``) held-out seeds (10,000 + seed upward:
+        never a training seed of the runner, nor of ``vlmrl collect``'s default 0 upward)."""
         from agents.evaluation import evaluate_policy
 
         config = self.config
@@ -804,7 +804,7 @@ class Run:
                 policy,
                 config.env_id,
                 config.env_kwargs,
-                config.eval_episodes,
+                config.eval_episodes if episodes is None else episodes,
                 num_envs=config.num_envs,
                 seed=10_000 + config.seed,
                 invalid_default_action=config.invalid_default_action,
