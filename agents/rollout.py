@@ -99,9 +99,9 @@ class ContinuousActions(gym.Wrapper):
     the action space is ``env.unwrapped.continuous_action_space`` (Reach and Push).
 
     ``step_continuous`` is the env's own method, so Gymnasium's wrappers from ``gym.make`` (``TimeLimit``,
-    the order and passive checkers) are bypassed; the registered ``max_episode_steps`` is therefore applied
-    here (an episode is truncated when it reaches it), so that an env that does not end its own episodes
-    still ends them (Reach and Push truncate at their own ``max_steps``, which equals their registered limit).
+    the order and passive checkers) are bypassed: :func:`continuous_env` puts the registered time limit back
+    on top, so that an env that does not end its own episodes still ends them (Reach and Push truncate at
+    their own ``max_steps``, which equals their registered limit).
     """
 
     def __init__(self, env: gym.Env) -> None:
@@ -114,21 +114,16 @@ class ContinuousActions(gym.Wrapper):
                 "step_continuous); use a discrete action head."
             )
         self.action_space = inner.continuous_action_space
-        self.max_episode_steps = env.spec.max_episode_steps if env.spec is not None else None
-        self.elapsed = 0
-
-    def reset(self, **kwargs: Any):
-        self.elapsed = 0
-        return self.env.reset(**kwargs)
 
     def step(self, action: Any):
-        observation, reward, terminated, truncated, info = self.env.unwrapped.step_continuous(
-            np.asarray(action, dtype=np.float64)
-        )
-        self.elapsed += 1
-        if self.max_episode_steps is not None and self.elapsed >= self.max_episode_steps:
-            truncated = True
-        return observation, reward, terminated, truncated, info
+        return self.env.unwrapped.step_continuous(np.asarray(action, dtype=np.float64))
+
+
+def continuous_env(env: gym.Env) -> gym.Env:
+    """``env`` (from ``gym.make``) stepped with continuous actions, under its registered ``max_episode_steps``."""
+    limit = env.spec.max_episode_steps if env.spec is not None else None
+    continuous = ContinuousActions(env)
+    return continuous if limit is None else gym.wrappers.TimeLimit(continuous, limit)
 
 
 def make_vector_env(
@@ -140,13 +135,13 @@ def make_vector_env(
 ) -> gym.vector.SyncVectorEnv:
     """``num_envs`` copies of ``env_id`` in one synchronous vector env with same-step autoreset; errors name
     each env by its index in the whole run (``first_index`` upward: a rank's envs are a slice of the run's).
-    ``continuous``: step each env with vectors through :class:`ContinuousActions`."""
+    ``continuous``: step each env with vectors (:func:`continuous_env`)."""
     import envs  # noqa: F401 - registers the vlmrl environments
 
     def thunk(index: int):
         def make() -> gym.Env:
             env = gym.make(env_id, **(env_kwargs or {}))
-            return TrackedEnv(ContinuousActions(env) if continuous else env, index)
+            return TrackedEnv(continuous_env(env) if continuous else env, index)
 
         return make
 

@@ -696,8 +696,8 @@ def collect_expert(
 
     ``continuous``: step the env with its continuous expert (``expert_continuous_action`` through
     ``step_continuous``, e.g. Reach and Push) and store that action in ``continuous_action``; ``action`` and
-    the answer then hold the discrete expert's choice at the same state. The env's own step limit applies
-    (``step_continuous`` bypasses Gymnasium's ``TimeLimit``; Reach and Push truncate themselves).
+    the answer then hold the discrete expert's choice at the same state. The env's registered
+    ``max_episode_steps`` still applies (:func:`agents.rollout.continuous_env`).
 
     The answer is ``envs.format_answer(name, thoughts=expert_rationale(), style="cot")`` for the ``"cot"``
     style (the rationale is taken before the step) and the bare action name for ``"action"``. Returns
@@ -724,6 +724,10 @@ def collect_expert(
             f"{env_id} has no continuous action space with an expert for it (env.unwrapped.continuous_action_space, "
             "step_continuous and expert_continuous_action); collect without --continuous."
         )
+    if continuous:
+        from agents.rollout import continuous_env
+
+        env = continuous_env(env)  # expert vectors through step_continuous, under the registered time limit
     start = time.perf_counter()
     successes_seen, returns, total_steps = [], [], 0
     with TrajectoryWriter(path, shard_size=shard_size) as writer:
@@ -739,7 +743,7 @@ def collect_expert(
                 image, text = np.array(observation["image"], copy=True), observation["text"]
                 if continuous:
                     continuous_action = np.asarray(env.unwrapped.expert_continuous_action(), dtype=np.float32)
-                    observation, reward, terminated, truncated, info = env.unwrapped.step_continuous(continuous_action)
+                    observation, reward, terminated, truncated, info = env.step(continuous_action)
                 else:
                     continuous_action = None
                     observation, reward, terminated, truncated, info = env.step(action)

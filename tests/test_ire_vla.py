@@ -314,11 +314,11 @@ class _Endless(gym.Env):
 
 
 def test_continuous_steps_keep_the_registered_time_limit():
-    from agents.rollout import ContinuousActions
+    from agents.rollout import continuous_env
 
     gym.register("test/Endless-v0", entry_point=_Endless, max_episode_steps=3)
     try:
-        env = ContinuousActions(gym.make("test/Endless-v0"))
+        env = continuous_env(gym.make("test/Endless-v0"))
         for _ in range(2):  # a reset starts the count again
             env.reset(seed=0)
             truncated = [env.step(np.zeros(2))[3] for _ in range(3)]
