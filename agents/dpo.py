@@ -80,7 +80,8 @@ class DPOConfig(RunConfig):
     invalid answer under ``--constrained``; else such a pair stops the run before training."""
     held_out_fraction: float = 0.1
     """Fraction of the pairs (random, fixed by ``seed``) kept out of training to measure
-    ``dpo/heldout_accuracy``; 0: none. Offline only."""
+    ``dpo/heldout_accuracy``; 0: none. Iterated DPO holds out this share of each round's pairs (none from a
+    round with fewer than two) and measures them after the round's training."""
     epochs: int = 3
     """Passes over the pairs (offline). On resume, a larger value extends the run."""
     batch_size: int = 16
@@ -564,6 +565,14 @@ def train_iterated(config: DPOConfig, defaults: DPOConfig | None = None) -> Path
                 # not come back in the tokenizer's spelling: such a pair is left out, not fatal mid-run.
                 rows = check_pairs(pairs, config, where)
                 data = pair_data(policy, reference, rows, config, where, skip_unwritable=True)
+                # Pairs of this round's own states that it never trains on: how well the round's update
+                # generalises. Their own generator, so the run's stays the minibatch order's alone.
+                held_count = int(round(config.held_out_fraction * len(data))) if len(data) >= 2 else 0
+                held_count = min(held_count, len(data) - 1)
+                split = np.random.default_rng([config.seed, update]).permutation(len(data))
+                held_out = data.select(sorted(split[:held_count]))
+                data = data.select(sorted(split[held_count:]))
+                metrics["dpo/heldout_pairs"] = float(held_count)
                 totals: dict[str, float] = {}
                 steps = 0
                 for _epoch in range(config.round_epochs):
@@ -578,6 +587,8 @@ def train_iterated(config: DPOConfig, defaults: DPOConfig | None = None) -> Path
                         for key, value in parts.items():
                             totals[key] = totals.get(key, 0.0) + value
                 metrics.update({key: value / max(steps, 1) for key, value in totals.items()})
+                with run.whole_policy(policy):
+                    metrics.update(held_out_metrics(policy, held_out, config) if run.is_main else {})
             env_steps += stats["steps"]
             run.advance(1)
             metrics["charts/round_seconds"] = time.perf_counter() - start

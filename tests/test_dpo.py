@@ -454,11 +454,16 @@ def test_a_run_whose_starting_policy_is_gone_cannot_build_its_reference(tmp_path
 
 def test_iterated_dpo_plays_pairs_and_trains_once_per_round_and_resumes_exactly(tmp_path):
     options = dict(rounds=3, episodes_per_round=8, group_size=4, num_envs=4, batch_size=4,
-                   micro_batch_size=4, checkpoint_every=1, keep_checkpoints=3)  # fmt: skip
+                   micro_batch_size=4, checkpoint_every=1, keep_checkpoints=3, held_out_fraction=0.5)  # fmt: skip
     straight = train(dpo_config(tmp_path / "a", "", **options))
     rows = read_metrics(straight / "metrics.jsonl")
     assert len(rows) == 3 and all("dpo/pairs" in r and "charts/success_rate" in r for r in rows)
     assert any(r["dpo/pairs"] > 0 and "rewards/margins" in r for r in rows)  # sampled colours differ in reward
+    # Half of each round's pairs are held out of its training and measured after it.
+    assert any(r.get("dpo/heldout_pairs", 0) > 0 for r in rows)
+    for r in rows:
+        assert r.get("dpo/heldout_pairs", 0) == (round(r["dpo/pairs"] / 2) if r["dpo/pairs"] >= 2 else 0)
+        assert ("dpo/heldout_accuracy" in r) == (r.get("dpo/heldout_pairs", 0) > 0)
     assert sorted(p.name for p in (straight / "rounds").iterdir()) == ["round-0000", "round-0001", "round-0002"]
     assert len(load_trajectories(straight / "rounds" / "round-0001")) == 8
     checkpoints = sorted((straight / "checkpoints").glob("update-*"))
