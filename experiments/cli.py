@@ -1,6 +1,7 @@
 """The ``vlmrl`` command.
 
 vlmrl train gridworld [--algo ppo] [options]     train on an experiment's env (options: vlmrl train gridworld --help)
+vlmrl train gridworld --resume RUN_DIR           continue a run (its algorithm is read from it)
 vlmrl train --env-id ID [--env-module MOD] ...   train on any registered env (MOD registers a third-party one)
 vlmrl eval RUN_DIR [--episodes N]                evaluate the newest intact checkpoint of a run
 vlmrl demo [--episodes N]                        every environment played by its scripted expert
@@ -38,11 +39,27 @@ def _pop_option(argv: list[str], name: str, default: str) -> str:
     return default
 
 
+def _saved_algorithm(resume: str) -> str:
+    """The algorithm of the run (or checkpoint) ``--resume`` names, so resuming needs no ``--algo``; empty
+    when it cannot be read (the run's own checks then say what is wrong with it)."""
+    from agents.checkpoint import find_checkpoint, load_trainer_state
+
+    try:
+        state = load_trainer_state(find_checkpoint(resume))
+    except Exception:  # noqa: BLE001 - a best guess only: the run reads the checkpoint again and reports properly
+        return ""
+    algorithm = state.get("algorithm") if isinstance(state, dict) else None
+    return algorithm if isinstance(algorithm, str) and algorithm in ALGORITHMS else ""
+
+
 def train(argv: list[str]) -> None:
     from agents.errors import ConfigError
     from experiments.common import run
 
-    algorithm = _pop_option(argv, "--algo", "ppo")
+    algorithm = _pop_option(argv, "--algo", "")
+    if not algorithm:
+        resume = _pop_option(list(argv), "--resume", "")
+        algorithm = (_saved_algorithm(resume) if resume else "") or "ppo"
     if argv and not argv[0].startswith("-"):
         experiment = argv.pop(0)
         if experiment not in EXPERIMENTS:

@@ -441,6 +441,11 @@ def test_pairs_and_dpo_command_lines(tmp_path, colour_pairs, cli_fails):
           "--epochs", "1", "--batch-size", "2", "--micro-batch-size", "2", "--eval-episodes", "2", "--num-envs", "2",
           "--run-dir", str(tmp_path / "z"), "--no-progress"])  # fmt: skip
     assert any("eval/success_rate" in r for r in read_metrics(tmp_path / "z" / "metrics.jsonl"))
+    updates = len(read_metrics(tmp_path / "z" / "metrics.jsonl"))
+    # Resuming reads the algorithm from the run; naming another one is refused.
+    cli_fails(["train", "--env-id", COLOUR, "--algo", "ppo", "--resume", str(tmp_path / "z")], "is a dpo run")
+    main(["train", "--env-id", COLOUR, "--resume", str(tmp_path / "z"), "--epochs", "2"])
+    assert len(read_metrics(tmp_path / "z" / "metrics.jsonl")) > updates
 
 
 def test_a_run_whose_starting_policy_is_gone_cannot_build_its_reference(tmp_path, colour_pairs):
