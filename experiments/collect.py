@@ -6,8 +6,12 @@
     vlmrl collect gridworld --model runs/<run> --episodes 20 --branch 2 --out data/gridworld-branches
     vlmrl collect reach --expert --continuous --episodes 200 --out data/reach-continuous
 
+    vlmrl collect my_pkg/Maze-v0 --env-module my_pkg.envs --expert --episodes 100 --out data/maze
+
 The environment and its options are those of the named experiment (``vlmrl train <experiment>``), so the
-store matches what that experiment trains on. Running the command again with the same ``--out`` appends.
+store matches what that experiment trains on; a registered env id instead plays that env with its
+registered options (``--env-module`` imports the module that registers a third-party env). Running the
+command again with the same ``--out`` appends.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from agents.trajectories import DEFAULT_SHARD_SIZE
 
 @dataclass
 class CollectConfig:
-    experiment: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="EXPERIMENT")]
-    """Experiment whose environment and environment options to play (gridworld, blackjack, ...)."""
+    experiment: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="EXPERIMENT_OR_ENV_ID")]
+    """Experiment whose environment and environment options to play (gridworld, blackjack, ...), or the
+    Gymnasium id of a registered env with a language spec (played with its registered options)."""
     out: str
     """Store directory: created if missing, appended to if it is a store already."""
     expert: bool = False
@@ -54,25 +59,49 @@ class CollectConfig:
     error); a preset answers in the style given here (default ``cot``)."""
     shard_size: int = DEFAULT_SHARD_SIZE
     """Steps per shard (whole episodes per shard); a killed collection loses at most the shard in progress."""
+    env_module: str | None = None
+    """Python module to import first: the one that registers a third-party env (``envs.register_language_env``)."""
     continuous: bool = False
     """With ``--expert``: play the env's continuous expert through ``step_continuous`` (Reach, Push) and store
     each step's continuous action in the ``continuous_action`` column, for an action-head policy
     (``--algo ire-vla``)."""
 
 
+def environment(config: CollectConfig) -> tuple[str, dict]:
+    """The env id and options to play: an experiment's, or a registered env's own."""
+    import importlib
+
+    import gymnasium as gym
+
+    import envs  # noqa: F401 - registers vlmrl's own envs
+    from experiments.cli import EXPERIMENTS, experiment_config
+
+    if config.env_module:
+        importlib.import_module(config.env_module)
+    if config.experiment in EXPERIMENTS:
+        experiment = experiment_config(config.experiment)
+        return experiment.env_id, experiment.env_kwargs()
+    try:
+        gym.spec(config.experiment)
+    except gym.error.Error:
+        hint = "" if config.env_module else " (a third-party env: pass --env-module, the module that registers it)"
+        raise ValueError(
+            f"{config.experiment!r} is neither an experiment ({', '.join(EXPERIMENTS)}) nor a registered "
+            f"Gymnasium id{hint}."
+        ) from None
+    return config.experiment, {}
+
+
 def main(config: CollectConfig) -> dict:
     """Collect as ``config`` says, print the summary as JSON and return it."""
     from agents.trajectories import collect_branches, collect_expert, collect_policy
-    from experiments.cli import EXPERIMENTS, experiment_config
 
-    if config.experiment not in EXPERIMENTS:
-        raise ValueError(f"Unknown experiment {config.experiment!r}; choose one of {', '.join(EXPERIMENTS)}.")
+    env_id, env_kwargs = environment(config)
     if config.expert == (config.model is not None):
         raise ValueError(
             "Say who answers: pass --expert to play the environment's scripted expert, or --model RUN_OR_DIR to "
             "play a policy (one of the two)."
         )
-    experiment = experiment_config(config.experiment)
     if config.continuous and not config.expert:
         raise ValueError("--continuous plays the scripted expert's continuous actions: pass --expert with it.")
     if config.branch and config.model is None:
@@ -82,12 +111,12 @@ def main(config: CollectConfig) -> dict:
     if config.branch:
         summary = collect_branches(
             config.model,
-            experiment.env_id,
+            env_id,
             config.out,
             episodes=config.episodes,
             branch=config.branch,
             branch_steps=config.branch_steps,
-            env_kwargs=experiment.env_kwargs(),
+            env_kwargs=env_kwargs,
             seed=config.seed,
             device=config.device,
             shard_size=config.shard_size,
@@ -96,10 +125,10 @@ def main(config: CollectConfig) -> dict:
     elif config.model is not None:
         summary = collect_policy(
             config.model,
-            experiment.env_id,
+            env_id,
             config.out,
             episodes=config.episodes,
-            env_kwargs=experiment.env_kwargs(),
+            env_kwargs=env_kwargs,
             seed=config.seed,
             greedy=config.greedy,
             num_envs=config.num_envs,
@@ -109,10 +138,10 @@ def main(config: CollectConfig) -> dict:
         )
     else:
         summary = collect_expert(
-            experiment.env_id,
+            env_id,
             config.out,
             episodes=config.episodes,
-            env_kwargs=experiment.env_kwargs(),
+            env_kwargs=env_kwargs,
             seed=config.seed,
             prompt_style=config.prompt_style or "cot",
             shard_size=config.shard_size,

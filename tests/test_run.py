@@ -374,6 +374,13 @@ def test_a_third_party_env_trains_from_the_command_line(tmp_path, monkeypatch):
     cli(["train", "--resume", str(run_dir), "--total-env-steps", "12", "--no-progress"])
     assert [r["global_step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [4, 8, 12]
     cli(["eval", str(run_dir), "--episodes", "2"])
+    # Its episodes go into a trajectory store by its registered id, as an experiment's do by name.
+    from agents.trajectories import load_trajectories
+
+    cli(["collect", "mine/FrozenLake-v1", "--env-module", "my_frozen_lake", "--model", str(run_dir), "--episodes",
+         "2", "--num-envs", "2", "--out", str(tmp_path / "store")])  # fmt: skip
+    steps = load_trajectories(tmp_path / "store")
+    assert set(steps["env_id"]) == {"mine/FrozenLake-v1"} and len(set(steps["episode_id"])) == 2
 
 
 # --- gradient checkpointing ---------------------------------------------------------------------------------------
