@@ -517,7 +517,12 @@ class Run:
             return
         self.logger = RunLogger(
             self.run_dir,
-            {**config_to_dict(config), "algorithm": algorithm, "run_name": self.run_dir.name},
+            {
+                **config_to_dict(config),
+                "algorithm": algorithm,
+                "run_name": self.run_dir.name,
+                "world_size": self.world_size,  # processes that ran it: a resumed run needs as many
+            },
             track=config.track,
             project=config.wandb_project,
             entity=config.wandb_entity,

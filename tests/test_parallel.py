@@ -294,6 +294,8 @@ def test_two_processes_give_the_parameters_of_one(two_processes, tmp_path, monke
             assert b[key] == pytest.approx(a[key], abs=1e-5, nan_ok=True), key
     state = torch.load(two / "checkpoints" / last / "trainer.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    assert json.loads((one / "config.json").read_text())["world_size"] == 1
     if algorithm in ("ppo", "grpo"):
         assert [r["runner"]["num_envs"] for r in state["ranks"]] == [2, 2]
 
