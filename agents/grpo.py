@@ -40,7 +40,7 @@ from agents.losses import (
     group_advantages,
     k3_kl,
 )
-from agents.optim import GuardedStep, make_optimizer, set_learning_rate
+from agents.optim import GuardedStep, LossTotals, make_optimizer, set_learning_rate
 from agents.policy import Completion, VLMPolicy
 from agents.rollout import episode_metrics
 from agents.run import Run, RunConfig, check_rewards, deferred_validation
@@ -378,8 +378,7 @@ def grpo_update(
     guarded_step: GuardedStep,
 ) -> dict[str, float]:
     """``update_epochs`` passes over the round's ``(completion, advantage)`` samples in shuffled minibatches."""
-    totals: dict[str, float] = {}
-    steps_done = skipped = 0
+    totals = LossTotals()
 
     def loss_fn(micro: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         advantages = torch.tensor([samples[i][1] for i in micro], dtype=torch.float32)
@@ -390,16 +389,8 @@ def grpo_update(
         for begin in range(0, len(order), config.minibatch_size):
             minibatch = order[begin : begin + config.minibatch_size]
             micro = config.micro_batch_size
-            parts = guarded_step.step([minibatch[i : i + micro] for i in range(0, len(minibatch), micro)], loss_fn)
-            if parts is None:
-                skipped += 1
-                continue
-            steps_done += 1
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value
-    metrics = {f"losses/{key}": value / max(steps_done, 1) for key, value in totals.items()}
-    metrics["losses/skipped_steps"] = skipped
-    return metrics
+            totals.add(guarded_step.step([minibatch[i : i + micro] for i in range(0, len(minibatch), micro)], loss_fn))
+    return totals.metrics()
 
 
 # ----------------------------------------------------------------------------------------------------------

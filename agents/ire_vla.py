@@ -39,7 +39,7 @@ import torch
 
 from agents.errors import ConfigError
 from agents.losses import approx_kl, clip_fraction, clipped_surrogate, value_loss
-from agents.optim import GuardedStep
+from agents.optim import GuardedStep, LossTotals
 from agents.rollout import EnvRunner, episode_metrics
 from agents.run import Run, RunConfig, check_rewards
 from agents.storage import compute_gae
@@ -482,8 +482,7 @@ def ppo_head_update(
     policy: VLAPolicy, batch: HeadRollout, config: IReVLAConfig, generator: np.random.Generator, guarded: GuardedStep
 ) -> dict[str, float]:
     """``update_epochs`` passes of clipped PPO over shuffled minibatches of stored features."""
-    totals: dict[str, float] = {}
-    done = skipped = 0
+    totals = LossTotals()
     indices = np.arange(len(batch.logprobs))
     for _epoch in range(config.update_epochs):
         generator.shuffle(indices)
@@ -492,15 +491,10 @@ def ppo_head_update(
             advantages = batch.advantages[rows]
             if len(rows) > 1:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            parts = guarded.step([rows], lambda micro, a=advantages: ppo_head_losses(policy, batch, micro, a, config))
-            if parts is None:
-                skipped += 1
-                continue
-            done += 1
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value
-    metrics = {f"losses/{key}": value / max(done, 1) for key, value in totals.items()}
-    metrics["losses/skipped_steps"] = skipped
+            totals.add(
+                guarded.step([rows], lambda micro, a=advantages: ppo_head_losses(policy, batch, micro, a, config))
+            )
+    metrics = totals.metrics()
     returns, values = batch.returns.numpy(), batch.values.numpy()
     variance = np.var(returns)
     metrics["losses/explained_variance"] = (

@@ -1,5 +1,6 @@
-"""Optimizer helpers shared by the algorithms: parameter groups, the learning-rate schedule, and one
-guarded optimizer step over micro-batches (gradient accumulation, clipping, the non-finite guard)."""
+"""Optimizer helpers shared by the algorithms: parameter groups, the learning-rate schedule, one guarded
+optimizer step over micro-batches (gradient accumulation, clipping, the non-finite guard), and the running
+means of an update's loss parts."""
 
 from __future__ import annotations
 
@@ -171,3 +172,33 @@ class GuardedStep:
                 f"{self.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient. "
                 "Lower learning_rate, use float32 (dtype) or check the rewards."
             )
+
+
+class LossTotals:
+    """The loss parts of an update's optimizer steps, averaged over the steps taken; skipped steps counted.
+
+    ``add(guarded_step.step(...))`` after each minibatch; ``metrics()`` gives ``losses/<part>`` means and
+    ``losses/skipped_steps``.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.skipped = 0
+
+    def add(self, parts: dict[str, float] | None) -> None:
+        """One minibatch's parts (``None``: the step was skipped as non-finite)."""
+        if parts is None:
+            self.skipped += 1
+            return
+        self.steps += 1
+        for key, value in parts.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / max(self.steps, 1)
+
+    def metrics(self) -> dict[str, float]:
+        metrics = {f"losses/{key}": self.mean(key) for key in self.sums}
+        metrics["losses/skipped_steps"] = self.skipped
+        return metrics

@@ -23,7 +23,7 @@ import torch
 
 from agents.errors import ConfigError
 from agents.losses import approx_kl, clip_fraction, clipped_surrogate, k3_kl, value_loss
-from agents.optim import GuardedStep, make_optimizer, set_learning_rate
+from agents.optim import GuardedStep, LossTotals, make_optimizer, set_learning_rate
 from agents.policy import VLMPolicy
 from agents.rollout import episode_metrics
 from agents.run import Run, RunConfig, check_rewards
@@ -174,8 +174,7 @@ def ppo_update(
     """``update_epochs`` passes of clipped PPO over shuffled minibatches; the mean of each loss part."""
     completions, tensors = rollout.flat()
     reference = _reference_logprobs(policy, completions, config) if config.kl_coef > 0 else None
-    totals: dict[str, float] = {}
-    steps_done, skipped = 0, 0
+    totals = LossTotals()
     indices = np.arange(config.batch_size)
     for _epoch in range(config.update_epochs):
         generator.shuffle(indices)
@@ -203,18 +202,10 @@ def ppo_update(
             micro_batches = [
                 minibatch[i : i + config.micro_batch_size] for i in range(0, len(minibatch), config.micro_batch_size)
             ]
-            parts = guarded_step.step(micro_batches, loss_fn)
-            if parts is None:
-                skipped += 1
-                continue
-            steps_done += 1
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value
-        if config.target_kl is not None and steps_done and totals["approx_kl"] / steps_done > config.target_kl:
+            totals.add(guarded_step.step(micro_batches, loss_fn))
+        if config.target_kl is not None and totals.steps and totals.mean("approx_kl") > config.target_kl:
             break
-    metrics = {f"losses/{key}": value / max(steps_done, 1) for key, value in totals.items()}
-    metrics["losses/skipped_steps"] = skipped
-    return metrics
+    return totals.metrics()
 
 
 def train(config: PPOConfig, defaults: PPOConfig | None = None) -> Path:

@@ -84,3 +84,13 @@ def test_gigpo_anchor_groups_two_trajectories_through_the_same_state():
     # The same state in another group is another anchor group.
     other = anchor_advantages(step_returns, np.array([0, 0, 1, 1, 1]), states)
     np.testing.assert_allclose(other, np.zeros(5))
+
+
+def test_loss_totals_average_over_the_steps_taken_and_count_the_skipped():
+    from agents.optim import LossTotals
+
+    totals = LossTotals()
+    for parts in ({"policy": 1.0, "value": 4.0}, None, {"policy": 3.0, "value": 0.0}):
+        totals.add(parts)
+    assert totals.metrics() == {"losses/policy": 2.0, "losses/value": 2.0, "losses/skipped_steps": 1}
+    assert LossTotals().metrics() == {"losses/skipped_steps": 0}
