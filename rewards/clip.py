@@ -190,6 +190,13 @@ def _tokenize(model: Any, tokenizer: Any, texts: list[str]) -> Any:
     return inputs
 
 
+def _pixels(image_processor: Any, images: Sequence[Any]) -> torch.Tensor:
+    """The image processor's ``pixel_values`` of a list of frames (arrays or PIL images)."""
+    from agents.policy import to_pil
+
+    return image_processor(images=[to_pil(image) for image in images], return_tensors="pt")["pixel_values"]
+
+
 def _features(output: Any) -> torch.Tensor:
     """Embeddings from ``get_*_features``: a tensor in older transformers, an output with ``pooler_output`` in 5.x."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
@@ -255,12 +262,9 @@ class ClipReward:
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Any]) -> torch.Tensor:
-        from agents.policy import to_pil
-
         batches = []
         for start in range(0, len(images), self.config.batch_size):
-            pil = [to_pil(image) for image in images[start : start + self.config.batch_size]]
-            pixels = self.image_processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device)
+            pixels = _pixels(self.image_processor, images[start : start + self.config.batch_size]).to(self.device)
             batches.append(_features(self.model.get_image_features(pixel_values=pixels)).float())
         return torch.cat(batches)
 
@@ -436,8 +440,6 @@ def contrastive_loss(image_embeddings: torch.Tensor, caption_embeddings: torch.T
 def adapt_clip(config: ClipAdaptConfig, log: Any = print) -> dict[str, float]:
     """Fine-tune as ``config`` says, save to ``config.out``, and return the frame and caption counts and the
     first and last batch loss (and the mean of the first and last ten steps', which vary less)."""
-    from agents.policy import to_pil
-
     frames, captions = captioned_frames(
         config.env_id, config.episodes, config.seed, config.captions, config.random_action_probability
     )
@@ -448,6 +450,11 @@ def adapt_clip(config: ClipAdaptConfig, log: Any = print) -> dict[str, float]:
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
+    # The image processor runs once per frame, not once per batch (it took most of a tiny CLIP's step);
+    # half precision halves the memory that all frames' pixel values take.
+    pixel_values = torch.cat(
+        [_pixels(image_processor, frames[start : start + 256]).half() for start in range(0, len(frames), 256)]
+    )
     counts = {caption: captions.count(caption) for caption in dict.fromkeys(captions)}
     log(f"clip-adapt: {len(frames)} frames, {len(counts)} captions" + (f": {counts}" if len(counts) <= 10 else ""))
     metrics: dict[str, float] = {"frames": len(frames), "captions": len(counts)}
@@ -456,10 +463,10 @@ def adapt_clip(config: ClipAdaptConfig, log: Any = print) -> dict[str, float]:
         batch = torch.randperm(len(frames), generator=generator)[: config.batch_size].tolist()
         distinct = list(dict.fromkeys(captions[i] for i in batch))
         caption_of_image = torch.tensor([distinct.index(captions[i]) for i in batch], device=device)
-        pixels = image_processor(images=[to_pil(frames[i]) for i in batch], return_tensors="pt")["pixel_values"]
+        pixels = pixel_values[batch].to(device=device, dtype=model.dtype)
         tokens = _tokenize(model, tokenizer, distinct).to(device)
         loss = contrastive_loss(
-            _features(model.get_image_features(pixel_values=pixels.to(device))),
+            _features(model.get_image_features(pixel_values=pixels)),
             _features(model.get_text_features(**tokens)),
             model.logit_scale,
             caption_of_image,
