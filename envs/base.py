@@ -80,6 +80,12 @@ class LanguageEnv(gym.Env):
         """A short, truthful reason for :meth:`expert_action`, for chain-of-thought demonstrations."""
         raise NotImplementedError
 
+    def progress_caption(self) -> str:
+        """The one of ``language.progress_captions`` that describes the current state (for ``vlmrl
+        clip-adapt``). Optional: only environments whose spec lists progress captions implement it; a
+        third-party environment can define the same method on its own class."""
+        raise NotImplementedError
+
     # -- shared -----------------------------------------------------------------------------------------
     def _observation(self) -> dict[str, Any]:
         return {"image": check_frame(self._image(), type(self).__name__), "text": self._text()}

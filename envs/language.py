@@ -45,6 +45,11 @@ class LanguageSpec:
         action_names: Legal action names; position ``i`` is the environment's integer action ``i``.
             Names are matched case-insensitively with whitespace collapsed, so they must stay distinct
             under that normalisation.
+        progress_captions: Optional captions of how far the task has got, from the goal reached (first)
+            to the farthest from it (last), worded so that many states share each one (distance bands,
+            not measurements); the environment's ``progress_caption()`` returns the one that fits its
+            state. ``vlmrl clip-adapt`` teaches a CLIP these captions, and the ``clip`` reward takes the
+            first as its goal prompt and the last as its baseline prompt.
 
     Example:
         >>> spec = LanguageSpec("Reach the flag.", ("left", "right"))
@@ -54,6 +59,7 @@ class LanguageSpec:
 
     instruction: str
     action_names: tuple[str, ...]
+    progress_captions: tuple[str, ...] = ()
     _lookup: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +83,15 @@ class LanguageSpec:
                 )
             lookup[key] = index
         object.__setattr__(self, "_lookup", lookup)
+        captions = tuple(self.progress_captions)
+        object.__setattr__(self, "progress_captions", captions)
+        if captions and (
+            len(captions) < 2 or len(set(captions)) != len(captions) or not all(c.strip() for c in captions)
+        ):
+            raise ValueError(
+                f"LanguageSpec.progress_captions={captions!r}: give at least two distinct, non-blank captions, "
+                "from the goal reached to the farthest from it (or none)."
+            )
 
     def action_index(self, text: str) -> int | None:
         """The action index for ``text``, or ``None`` if it names no legal action."""

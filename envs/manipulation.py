@@ -559,6 +559,10 @@ class ReachEnv(TabletopEnv):
     #: 2 cm of any point along each axis, so within 3.5 cm; 4 cm leaves a margin.
     SUCCESS_RADIUS_M = 0.04
     MIN_START_DISTANCE_M = 0.1
+    #: Upper gripper-to-ball distances (metres) of the progress captions' bands but the last: the first is
+    #: the success radius, so "touching" means reached; the others split the expert's frames into bands of
+    #: a few hundred frames each (distances 1 to 47 cm over 200 episodes).
+    PROGRESS_BANDS_M = (SUCCESS_RADIUS_M, 0.08, 0.14, 0.22)
     TARGET_LOW = np.array([-0.17, -0.17, 0.05])
     TARGET_HIGH = np.array([0.17, 0.17, 0.18])
 
@@ -570,6 +574,13 @@ class ReachEnv(TabletopEnv):
             "stands on a pole: compare where they meet the table to tell forward from up."
         ),
         action_names=ACTION_NAMES,
+        progress_captions=(
+            "the gripper is touching the red ball",
+            "the gripper is very near the red ball",
+            "the gripper is near the red ball",
+            "the gripper is far from the red ball",
+            "the gripper is very far from the red ball",
+        ),
     )
     simulate = False
     default_max_steps = 50
@@ -613,6 +624,13 @@ class ReachEnv(TabletopEnv):
         """Minus the gripper-to-ball distance in metres, for potential-based shaping (each step's info
         carries it as ``potential``, and ``previous_potential`` before the move)."""
         return -float(np.linalg.norm(self.target_pos - self.gripper_pos))
+
+    def progress_caption(self) -> str:
+        """How near the gripper is to the ball, in the words of ``language.progress_captions`` (bands of
+        ``PROGRESS_BANDS_M``; a distance on an edge belongs to the nearer band)."""
+        distance = float(np.linalg.norm(self.target_pos - self.gripper_pos))
+        band = int(np.searchsorted(self.PROGRESS_BANDS_M, distance, side="left"))
+        return self.language.progress_captions[band]
 
     def _state_words(self) -> str:
         return f"Gripper at {_cm(self.gripper_pos)}, ball at {_cm(self.target_pos)}."

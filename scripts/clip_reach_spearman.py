@@ -4,11 +4,13 @@ The frames are those of Reach's scripted expert on seeds that ``vlmrl clip-adapt
 seeds ``0 .. episodes - 1``; these start at ``--first-seed``), every step of each episode plus the frame
 where it succeeded, until ``--frames`` frames. Each frame's true value is ``potential()``, minus the
 gripper-to-ball distance in metres, and its reward is the ``clip`` reward module's score (VLM-RM with
-Reach's default prompts). Spearman's rho is the Pearson correlation of the two rankings (ties get their
-mean rank); 1 means the reward orders the frames exactly as the distance does::
+Reach's default prompts: the first and last of its progress captions, "the gripper is touching the red
+ball" and "the gripper is very far from the red ball"). Spearman's rho is the Pearson correlation of the
+two rankings (ties get their mean rank); 1 means the reward orders the frames exactly as the distance
+does::
 
-    vlmrl clip-adapt vlmrl/Reach-v0 --out runs/reach-clip
-    python scripts/clip_reach_spearman.py --model runs/reach-clip --frames 1000
+    vlmrl clip-adapt vlmrl/Reach-v0 --out runs/reach-clip --episodes 600 --steps 5000 --learning-rate 3e-4
+    python scripts/clip_reach_spearman.py --model runs/reach-clip --frames 1000 --alpha 0 0.5 1
 """
 
 from __future__ import annotations

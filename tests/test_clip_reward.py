@@ -9,10 +9,22 @@ import pytest
 import torch
 
 import envs  # noqa: F401 - registers the environments
+from envs.language import LanguageSpec
 from rewards import RewardContext, RewardSet, next_observations
-from rewards.clip import TINY_CLIP_END, ClipReward, ClipRewardConfig, mean_direction, tiny_clip_tokenizer, vlm_rm_reward
+from rewards.clip import (
+    ENV_PROMPTS,
+    TINY_CLIP_END,
+    ClipReward,
+    ClipRewardConfig,
+    contrastive_loss,
+    default_prompts,
+    mean_direction,
+    tiny_clip_tokenizer,
+    vlm_rm_reward,
+)
 
 GRID = "vlmrl/GridWorld-v0"
+REACH = "vlmrl/Reach-v0"
 
 
 @pytest.mark.parametrize(("alpha", "expected"), [(0.0, 0.6), (0.5, 0.63), (1.0, 0.64)])
@@ -105,32 +117,112 @@ def test_clip_in_a_reward_set_scores_the_reached_frame():
     vector_env.close()
 
 
-def test_clip_adapt_lowers_the_contrastive_loss_and_the_result_serves_as_reward(tmp_path):
-    from agents.policy import to_pil
-    from experiments.cli import main
-    from rewards.clip import _features, build_tiny_clip, contrastive_loss, expert_captions, load_clip
+def test_reach_progress_captions_for_hand_placed_states():
+    from envs.manipulation import ReachEnv
 
+    captions = ReachEnv.language.progress_captions
+    env = ReachEnv(image_size=32)
+    gripper = np.array([-0.15, 0.0, 0.1])
+    # Ball this far to the right of the gripper (metres) -> expected band; 0.04 is the success radius: the
+    # touching band ends where success begins.
+    for gap, band in [(0.01, 0), (0.039, 0), (0.041, 1), (0.06, 1), (0.079, 1), (0.1, 2), (0.18, 3), (0.3, 4)]:
+        env.reset(seed=0, options={"gripper": gripper, "target": gripper + [gap, 0.0, 0.0]})
+        assert env.progress_caption() == captions[band], gap
+        assert env._solved() == (band == 0), gap
+    # A diagonal gap counts by its length: 6 cm along each axis is 10.4 cm away.
+    env.reset(seed=0, options={"gripper": gripper, "target": gripper + [0.06, 0.06, 0.0]})
+    assert env.progress_caption() == captions[2]
+    env.close()
+    # The clip reward's default prompts are the closest and the farthest band; GridWorld keeps its own.
+    assert default_prompts(REACH) == ((captions[0],), (captions[-1],))
+    assert default_prompts(GRID) == ENV_PROMPTS[GRID] and default_prompts("vlmrl/Blackjack-v0") is None
+
+
+@pytest.mark.parametrize(
+    ("captions", "message"),
+    [(("done",), "at least two"), (("done", "far", "done"), "distinct"), (("done", " "), "non-blank")],
+)
+def test_bad_progress_captions_are_rejected(captions, message):
+    with pytest.raises(ValueError, match=message):
+        LanguageSpec("Do it.", ("a", "b"), progress_captions=captions)
+
+
+def test_contrastive_loss_counts_a_repeated_caption_once():
+    # Images 0 and 1 share caption 0 and are embedded exactly on it, image 2 on caption 1.
+    captions = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    images = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    caption_of_image = torch.tensor([0, 0, 1])
+    scale = torch.tensor(5.0)  # logit scale e^5 ~ 148
+    assert contrastive_loss(images, captions, scale, caption_of_image).item() < 1e-3
+    # Plain CLIP InfoNCE on the pairs, the repeated caption as its own negative, cannot do better than
+    # ln 2 in the rows of the two frames that share it: (4 ln 2 / 3) / 2 over both directions.
+    pair_logits = scale.exp() * images @ captions[caption_of_image].T
+    plain = (
+        torch.nn.functional.cross_entropy(pair_logits, torch.arange(3))
+        + torch.nn.functional.cross_entropy(pair_logits.T, torch.arange(3))
+    ) / 2
+    assert plain.item() == pytest.approx(2 * np.log(2) / 3, abs=1e-3)
+    # By hand, logit scale 1 (e^0): cosine logits image x caption [[1, 0], [1, 0], [0, 1]].
+    # Image to text: rows [1, 0], [1, 0], [0, 1] against targets 0, 0, 1: each -log(e / (e + 1)) = 0.3133.
+    # Text to image: caption 0 over the images [1, 1, 0], target (1/2, 1/2, 0): CE = -log(e / (2e + 1)) =
+    # 0.8620, less the target's entropy ln 2 -> 0.1689; caption 1 over [0, 0, 1], target (0, 0, 1): 0.5514.
+    expected = (0.3133 + (0.1689 + 0.5514) / 2) / 2
+    got = contrastive_loss(images, captions, torch.tensor(0.0), caption_of_image).item()
+    assert got == pytest.approx(expected, abs=1e-3)
+    # The order of the captions' rows does not matter.
+    swapped = contrastive_loss(images, captions.flip(0), torch.tensor(0.0), 1 - caption_of_image).item()
+    assert swapped == pytest.approx(got, abs=1e-6)
+
+
+def _loss_of(model, tokenizer, image_processor, frames, captions) -> float:
+    from agents.policy import to_pil
+    from rewards.clip import _features, _tokenize
+
+    distinct = list(dict.fromkeys(captions))
+    with torch.no_grad():
+        pixels = image_processor(images=[to_pil(f) for f in frames], return_tensors="pt")["pixel_values"]
+        return contrastive_loss(
+            _features(model.get_image_features(pixel_values=pixels)),
+            _features(model.get_text_features(**_tokenize(model, tokenizer, distinct))),
+            model.logit_scale,
+            torch.tensor([distinct.index(c) for c in captions]),
+        ).item()
+
+
+def test_clip_adapt_lowers_the_contrastive_loss_and_the_result_serves_as_reward(tmp_path):
+    from experiments.cli import main
+    from rewards.clip import build_tiny_clip, captioned_frames, load_clip
+
+    # GridWorld has no progress captions: captions=auto means the expert's rationale.
     main(["clip-adapt", GRID, "--out", str(tmp_path / "clip"), "--episodes", "4", "--steps", "12",
           "--batch-size", "16", "--learning-rate", "1e-3"])  # fmt: skip
-    frames, captions = expert_captions(GRID, 4)
-
-    def loss_of(model, tokenizer, image_processor) -> float:
-        with torch.no_grad():
-            pixels = image_processor(images=[to_pil(f) for f in frames], return_tensors="pt")["pixel_values"]
-            tokens = tokenizer(captions, padding=True, return_tensors="pt")
-            same = torch.tensor([[a == b for b in captions] for a in captions])
-            return contrastive_loss(
-                _features(model.get_image_features(pixel_values=pixels)),
-                _features(
-                    model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-                ),
-                model.logit_scale,
-                same,
-            ).item()
-
-    assert loss_of(*load_clip(str(tmp_path / "clip"))) < loss_of(*build_tiny_clip(0))
+    frames, captions = captioned_frames(GRID, 4)
+    assert ENV_PROMPTS[GRID][0][0] in captions and len(set(captions)) > 3
+    after = _loss_of(*load_clip(str(tmp_path / "clip")), frames, captions)
+    assert after < _loss_of(*build_tiny_clip(0), frames, captions)
     reward = ClipReward(ClipRewardConfig(model=str(tmp_path / "clip"), frame="current"), GRID)
     assert reward.scores(frames[:2]).shape == (2,)
+    with pytest.raises(ValueError, match=r"captions=progress needs progress_captions"):
+        captioned_frames(GRID, 1, captions="progress")
+
+
+def test_clip_adapt_on_reach_progress_captions(tmp_path):
+    from envs.manipulation import ReachEnv
+    from rewards.clip import ClipAdaptConfig, adapt_clip, captioned_frames
+
+    captions = ReachEnv.language.progress_captions
+    expert_frames, expert_captions = captioned_frames(REACH, 3, seed=5)
+    mixed_frames, mixed_captions = captioned_frames(REACH, 3, seed=5, random_action_probability=0.5)
+    assert set(expert_captions) <= set(captions) and expert_captions.count(captions[0]) == 3  # each episode ends on it
+    assert len(mixed_frames) > len(expert_frames)  # random steps make the episodes longer
+    config = ClipAdaptConfig(REACH, out=str(tmp_path / "clip"), episodes=3, steps=6, batch_size=8, learning_rate=1e-3,
+                             random_action_probability=0.5, seed=5)  # fmt: skip
+    metrics = adapt_clip(config, log=lambda _: None)
+    assert metrics["frames"] == len(mixed_frames) and metrics["captions"] == len(set(mixed_captions)) >= 3
+    reward = ClipReward(ClipRewardConfig(model=str(tmp_path / "clip"), frame="current", alpha=1.0), REACH)
+    assert reward.scores(mixed_frames[:3]).shape == (3,)
+    with pytest.raises(ValueError, match=r"random_action_probability=2"):
+        ClipAdaptConfig(REACH, out="x", random_action_probability=2.0)
 
 
 def test_a_siglip_directory_works_too(tmp_path):
