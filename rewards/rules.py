@@ -29,6 +29,16 @@ def env_reward(observations: Any, completions: Sequence[Any], infos: Sequence[di
     return [float(r) for r in step["env_rewards"]]
 
 
+def step_count(observations: Any, completions: Sequence[Any], infos: Sequence[dict], **step: Any) -> list[float]:
+    """1.0 for every step: weighted negatively, a cost of time.
+
+    A reward that is positive at every step (a CLIP similarity, say) pays an agent to keep an episode going,
+    even away from a goal that would end it; ``step:-1`` beside ``clip:1`` makes each step cost ``1 - clip``
+    instead, so reaching the goal soon is what pays.
+    """
+    return [1.0] * len(completions)
+
+
 def invalid_answer(observations: Any, completions: Sequence[Any], infos: Sequence[dict], **step: Any) -> list[float]:
     """1.0 for an answer the parser could not turn into a legal action, else 0.0: weight it negatively.
 
@@ -188,5 +198,6 @@ def _shaping_factory(context: RewardContext, options: dict[str, str]) -> RewardF
 
 register_reward("env", env_reward, overwrite=True)
 register_reward("invalid", invalid_answer, overwrite=True)
+register_reward("step", step_count, overwrite=True)
 register_reward("format", factory=_format_factory, overwrite=True)
 register_reward("shaping", factory=_shaping_factory, overwrite=True)

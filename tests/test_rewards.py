@@ -83,6 +83,14 @@ def test_invalid_weight_reproduces_the_old_penalty():
     np.testing.assert_allclose(result.total, env_rewards - 0.1 * invalid)
 
 
+def test_the_step_term_is_one_per_active_env_so_a_negative_weight_is_a_time_cost():
+    rewards = RewardSet.from_specs(["env:1", "step:-0.5"])
+    result = rewards(None, [answer("up", 0), None, answer("??", None)], [{}, {}, {}],
+                     **step_kwargs(3, rewards=[1.0, 0.0, 0.0]))  # fmt: skip
+    np.testing.assert_allclose(result.terms["step"], [1.0, 0.0, 1.0])  # the inactive env scores nothing
+    np.testing.assert_allclose(result.total, [0.5, 0.0, -0.5])
+
+
 def test_inactive_envs_score_zero_and_modules_see_only_active_ones():
     seen = []
 
