@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -28,8 +29,12 @@ def evaluate_policy(
     """Play ``episodes`` episodes and report their mean success, return and length, the invalid-answer rate
     and, for chain-of-thought answers in an env with ``check_thoughts``, the fraction of true thoughts.
 
-    Each env plays the same number of episodes (``num_envs`` is lowered until it divides ``episodes``), so
-    short episodes are not over-represented; invalid answers take ``invalid_default_action``, as in training.
+    The episodes are exactly those of reset seeds ``seed`` .. ``seed + episodes - 1``, whatever the policy
+    does and however many envs play them (env ``i`` plays its own run of ``episodes / num_envs`` seeds), so
+    two policies evaluated with the same ``seed`` meet the same deals, starts and goals: their difference is
+    paired. Each env plays the same number of episodes (``num_envs`` is lowered until it divides
+    ``episodes``), so short episodes are not over-represented; invalid answers take
+    ``invalid_default_action``, as in training.
     """
     if episodes < 1:
         raise ConfigError(f"episodes must be >= 1, got {episodes}.")
@@ -46,6 +51,9 @@ def evaluate_policy(
         invalid_default_action=invalid_default_action,
         success_rule=success_rule,
         continuous=bool(getattr(policy, "continuous", False)),  # an action-head policy (agents/vla.py)
+        # An env that has played its quota goes on stepping (one batched act for all) into seeds past its
+        # run; those episodes are not counted.
+        episode_seeds=[itertools.count(seed + index * quota) for index in range(num_envs)],
     )
     done_per_env = np.zeros(num_envs, dtype=int)
     results: list[dict[str, float]] = []

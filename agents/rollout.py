@@ -307,7 +307,7 @@ class EnvRunner:
         invalid_default_action: int = 0,
         success_rule: SuccessRule = "terminated_positive_reward",
         on_step: Callable[[int], Any] | None = None,
-        episode_seeds: Iterator[int] | None = None,
+        episode_seeds: Iterator[int] | Sequence[Iterator[int]] | None = None,
         first_env: int = 0,
         continuous: bool = False,
     ) -> None:
@@ -330,10 +330,12 @@ class EnvRunner:
         """An optional :class:`~agents.trajectories.EpisodeRecorder` that stores the episodes played."""
         if episode_seeds is None:
             self.observations, _ = self.vector_env.reset(seed=seed)
-        else:  # every episode of every env starts from the next seed (stored, and exactly replayable)
-            self.observations, _ = self.vector_env.reset(seed=[next(episode_seeds) for _ in range(num_envs)])
-            for env in self.vector_env.envs:
-                env.next_seed = lambda: next(episode_seeds)
+        else:  # every episode of every env starts from the next seed (stored, and exactly replayable),
+            # drawn from one iterator all envs share or from each env's own
+            per_env = list(episode_seeds) if isinstance(episode_seeds, (list, tuple)) else [episode_seeds] * num_envs
+            self.observations, _ = self.vector_env.reset(seed=[next(seeds) for seeds in per_env])
+            for env, seeds in zip(self.vector_env.envs, per_env):
+                env.next_seed = lambda seeds=seeds: next(seeds)
         self.thought_checkers = [envs.thought_checker(env) for env in self.vector_env.envs]
         self.stats = EpisodeStats(num_envs, success_rule)
         self.steps = 0

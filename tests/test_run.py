@@ -465,3 +465,25 @@ def test_an_intact_checkpoint_is_hashed_once_per_process_and_again_once_changed(
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000))
     assert "does not match its checksum" in checkpoint.verify_checkpoint(path)
+
+
+def test_evaluation_plays_exactly_the_seeds_from_its_seed_up_whatever_the_env_count():
+    """Every policy meets the same deals: episode k is seed + k, not a continuation of an env's RNG."""
+    from agents.evaluation import evaluate_policy
+
+    env_id = "vlmrl/Blackjack-v0"
+    stand = envs.get_language(env_id).action_index("stand")
+
+    class Stand:  # stands at once, so an episode's return is a function of its deal alone
+        def act(self, observations, spec, greedy=False):
+            return [dataclasses.replace(_completion(), action=stand) for _ in range(len(observations["image"]))]
+
+    expected = []
+    env = gym.make(env_id)
+    for seed in range(500, 512):
+        env.reset(seed=seed)
+        expected.append(env.step(stand)[1])
+    env.close()
+    for num_envs in (1, 3, 4):
+        result = evaluate_policy(Stand(), env_id, episodes=12, num_envs=num_envs, seed=500)
+        assert result["mean_return"] == pytest.approx(np.mean(expected)), num_envs

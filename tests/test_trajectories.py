@@ -363,7 +363,9 @@ def test_collect_command(tmp_path, cli_fails):
     assert json.loads(dataset[0]["env_options"]) == experiment_config("gridworld").env_kwargs()
     assert dataset[0]["prompt_style"] == "cot"
     cli_fails(["collect", "gridworld", "--episodes", "3", "--out", str(tmp_path / "other")], "--expert")
-    cli_fails(["collect", "chess", "--expert", "--out", str(tmp_path / "other")], "neither an experiment .*--env-module")
+    cli_fails(
+        ["collect", "chess", "--expert", "--out", str(tmp_path / "other")], "neither an experiment .*--env-module"
+    )
 
 
 # --- stores written by training runs and by policies ---------------------------------------------------------
