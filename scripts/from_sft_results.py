@@ -1,12 +1,13 @@
-"""Table and plot of iterated DPO on Blackjack beside PPO, GRPO and GiGPO from the same SFT checkpoint.
+"""Table and plot of iterated DPO beside PPO, GRPO and GiGPO, all started from the same SFT checkpoint.
 
-Reads the greedy evaluations README's commands write (``vlmrl eval ... --episodes 1000 > EVALS/NAME.json``:
-every policy on the same 1,000 hands, seeds 10,000 .. 10,999), the scripted expert's episodes of those
-seeds (``vlmrl collect blackjack --expert --seed 10000 --episodes 1000 --out STORE``) and the runs'
-``metrics.jsonl``; prints a Markdown table and draws greedy win rate against the env steps each method
-played after the SFT checkpoint.
+``RUNS`` holds the runs as ``{dpo1,dpo3,ppo,grpo,gigpo}-s<seed>`` (directories or links; a method without
+runs is left out) and their greedy evaluations as ``<run>.json`` (``vlmrl eval RUN --episodes N >
+RUNS/<run>.json``; the 3-round DPO runs' rounds as ``dpo3-s<seed>-r<round>.json``), the SFT checkpoint's as
+``sft.json``: every policy evaluated on the same seeds. With ``--expert STORE`` (``vlmrl collect ENV
+--expert --seed 10000 --episodes N --out STORE``: the same seeds) the scripted expert is shown too. Prints a
+Markdown table and draws greedy success against the env steps each run played after the SFT checkpoint.
 
-    python scripts/blackjack_dpo_results.py --out docs/blackjack_dpo.png
+    python scripts/from_sft_results.py runs/bj-eval --expert data/blackjack-expert-10000 --out docs/blackjack_dpo.png
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ def evaluation(path: Path) -> dict | None:
         return None
     text = path.read_text()
     try:
-        return json.loads(text[text.find("{") : text.rfind("}") + 1])
+        result = json.loads(text[text.find("{") : text.rfind("}") + 1])
     except json.JSONDecodeError:
         return None
+    return result if "success_rate" in result else None
 
 
 def metrics(run: Path) -> list[dict]:
@@ -36,19 +38,17 @@ def metrics(run: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--evals", default="runs/bj-eval", help="directory of the evaluations (NAME.json)")
-    parser.add_argument("--dpo", default="runs/dpo", help="directory of the DPO runs dpo{1,3}-s<seed>")
-    parser.add_argument("--ppo", default="runs/results", help="directory of blackjack-sft-ppo-s<seed>")
-    parser.add_argument("--grpo", default="runs/results2", help="directory of blackjack-sft-{grpo,gigpo}-s<seed>")
-    parser.add_argument("--expert", default="data/blackjack-expert-10000", help="the expert's store of the same seeds")
+    parser.add_argument("runs", help="directory of the runs and their evaluations")
+    parser.add_argument("--expert", default="", help="the scripted expert's store of the same seeds")
+    parser.add_argument("--title", default="", help="the plot's title")
     parser.add_argument("--out", default="", help="PNG to draw (none if empty)")
     args = parser.parse_args()
-    evals, dpo = Path(args.evals), Path(args.dpo)
+    evals = dpo = Path(args.runs)
     sft = evaluation(evals / "sft.json")
     if sft is None:
         raise SystemExit(f"No evaluation of the SFT checkpoint in {evals / 'sft.json'}.")
     expert = None
-    if Path(args.expert).exists():
+    if args.expert:
         from agents.trajectories import load_trajectories
 
         first_steps = load_trajectories(args.expert).filter(lambda row: row["step"] == 0)
@@ -59,7 +59,7 @@ def main() -> None:
         }
 
     print(
-        "| method | seed | env steps | pairs (held out) | held-out pair accuracy | greedy win rate | mean return "
+        "| method | seed | env steps | pairs (held out) | held-out pair accuracy | greedy success | mean return "
         "| thought accuracy |"
     )
     print("|---|---|---|---|---|---|---|---|")
@@ -76,6 +76,11 @@ def main() -> None:
     for name, label in (("dpo1", "DPO, 1 round"), ("dpo3", "DPO, 3 rounds")):
         for seed in SEEDS:
             for index, row in enumerate(metrics(dpo / f"{name}-s{seed}")):
+                count = int(row.get("dpo/heldout_pairs", 0))
+                accuracy = row.get("dpo/heldout_accuracy")
+                if accuracy is not None:
+                    held_out[name][0] += count
+                    held_out[name][1] += accuracy * count
                 suffix = "" if name == "dpo1" else f"-r{index + 1}"
                 result = evaluation(evals / f"{name}-s{seed}{suffix}.json")
                 if result is None:
@@ -83,11 +88,6 @@ def main() -> None:
                 curves.setdefault((label, seed), [(0, sft["success_rate"])]).append(
                     (row["global_step"], result["success_rate"])
                 )
-                count = int(row.get("dpo/heldout_pairs", 0))
-                accuracy = row.get("dpo/heldout_accuracy")
-                if accuracy is not None:
-                    held_out[name][0] += count
-                    held_out[name][1] += accuracy * count
                 where = f" (round {index + 1})" if name == "dpo3" else ""
                 print(
                     f"| {label}{where} | {seed} | {row['global_step']} | {int(row['dpo/pairs'])} ({count}) | "
@@ -95,21 +95,16 @@ def main() -> None:
                     + f" | {result['success_rate']:.3f} | {result['mean_return']:.3f} "
                     f"| {result['thought_accuracy']:.3f} |"
                 )
-    for label, directory, prefix in (
-        ("PPO", args.ppo, "ppo"),
-        ("GRPO", args.grpo, "grpo"),
-        ("GiGPO", args.grpo, "gigpo"),
-    ):
+    for label, prefix in (("PPO", "ppo"), ("GRPO", "grpo"), ("GiGPO", "gigpo")):
         for seed in SEEDS:
-            run = Path(directory) / f"blackjack-sft-{prefix}-s{seed}"
-            result, rows = evaluation(evals / f"{prefix}-s{seed}.json"), metrics(run)
+            result, rows = evaluation(evals / f"{prefix}-s{seed}.json"), metrics(dpo / f"{prefix}-s{seed}")
             if result is None or not rows:
                 continue
             steps = rows[-1]["global_step"]
             curves.setdefault((label, seed), [(0, sft["success_rate"])]).append((steps, result["success_rate"]))
             print(
                 f"| {label} | {seed} | {steps} | | | {result['success_rate']:.3f} | {result['mean_return']:.3f} "
-                f"| {result['thought_accuracy']:.3f} |"
+                f"| {result.get('thought_accuracy', float('nan')):.3f} |"
             )
     for name, (count, correct) in held_out.items():
         if count:
@@ -130,10 +125,10 @@ def main() -> None:
         axes.plot(xs, ys, "o-", color=colours[label], alpha=0.7, label=None if label in labelled else label)
         labelled.add(label)
     if expert is not None:
-        axes.axhline(expert["success_rate"], color="grey", ls="--", lw=1, label="scripted expert, same hands")
+        axes.axhline(expert["success_rate"], color="grey", ls="--", lw=1, label="scripted expert, same episodes")
     axes.set_xlabel("env steps played after the SFT checkpoint")
-    axes.set_ylabel("greedy win rate, 1,000 held-out hands")
-    axes.set_title("Blackjack from the SFT checkpoint (3 seeds per method)")
+    axes.set_ylabel(f"greedy success, {sft['episodes']} held-out episodes")
+    axes.set_title(args.title or "From the SFT checkpoint (3 seeds per method)")
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     figure.tight_layout()
