@@ -110,6 +110,9 @@ class DPOConfig(RunConfig):
     """Rule that labels a round's pairs: the return (to go) or the success."""
     min_margin: float = 0.0
     """Smallest score difference that makes a round's pair (ties are always dropped)."""
+    round_pairs_per_state: Literal["all", "best-worst"] = "all"
+    """Step-level rounds: pair every two different answers at a state, or only its best over its worst (one
+    pair per state; with diverse answers, ``all`` grows quadratically in the group size)."""
     round_epochs: int = 1
     """Passes over a round's pairs."""
 
@@ -554,7 +557,13 @@ def train_iterated(config: DPOConfig, defaults: DPOConfig | None = None) -> Path
                 "charts/learning_rate": learning_rate,
             }
             try:
-                pairs, counts = build_pairs([store], config.round_pair_mode, config.label, config.min_margin)
+                pairs, counts = build_pairs(
+                    [store],
+                    config.round_pair_mode,
+                    config.label,
+                    config.min_margin,
+                    per_state=config.round_pairs_per_state,
+                )
             except ValueError:  # every answer tied (all failed, say): nothing to learn this round
                 pairs, counts = None, {}
             metrics["dpo/pairs"] = float(len(pairs) if pairs is not None else 0)

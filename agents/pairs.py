@@ -251,14 +251,26 @@ def trajectory_pairs(
 
 
 def step_pairs(
-    rows: list[dict], label: str = "return", min_margin: float = 0.0, counts: PairCounts | None = None
+    rows: list[dict],
+    label: str = "return",
+    min_margin: float = 0.0,
+    counts: PairCounts | None = None,
+    per_state: Literal["all", "best-worst"] = "all",
 ) -> list[dict[str, Any]]:
     """IPR / Agent Q step-level pairs: at each state seen more than once, every two different answers whose
     mean ``label`` score there (return-to-go, or the episode's success) differs by at least ``min_margin``.
 
     Averaging over the times an answer was given at the state makes it a Monte Carlo estimate of that
     answer's value and gives one consistent order (the same answer never ends up both chosen and rejected).
+
+    ``per_state="best-worst"`` keeps one pair per state, its best answer over its worst (iterative DPO's
+    choice, Xiong et al. 2024, https://arxiv.org/abs/2312.11456): a policy that words its answers in many
+    ways gives ``K (K - 1) / 2`` pairs at a state answered ``K`` ways, mostly between near-equal answers.
+    Among equally scored best (or worst) answers the first given is taken; the other candidate pairs are
+    counted as ``not_extreme``.
     """
+    if per_state not in ("all", "best-worst"):
+        raise ValueError(f"per_state must be 'all' or 'best-worst', got {per_state!r}.")
     counts = PairCounts() if counts is None else counts
     states: dict[str, dict[str, list[dict]]] = {}
     for row in rows:
@@ -274,7 +286,15 @@ def step_pairs(
             if len(finite) < len(values):
                 counts.add("nan", len(values) - len(finite))
             scored.append((float(np.mean(finite)) if finite else math.nan, given[0]))
-        for (one_score, one), (other_score, other) in itertools.combinations(scored, 2):
+        candidates = list(itertools.combinations(scored, 2))
+        if per_state == "best-worst":
+            ranked = [entry for entry in scored if not math.isnan(entry[0])]
+            if len(ranked) >= 2:
+                best = max(ranked, key=lambda entry: entry[0])  # max/min keep the first of equals
+                worst = min(ranked, key=lambda entry: entry[0])
+                counts.add("not_extreme", len(candidates) - 1)
+                candidates = [(best, worst)]
+        for (one_score, one), (other_score, other) in candidates:
             order = _better(one_score, other_score, min_margin)
             if order == 0:
                 if not (math.isnan(one_score) or math.isnan(other_score)):
@@ -331,6 +351,7 @@ def build_pairs(
     label: str = "return",
     min_margin: float = 0.0,
     align: Literal["first", "aligned"] = "first",
+    per_state: Literal["all", "best-worst"] = "all",
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Pairs from one or more stores (paths or loaded datasets) as a dataset with :data:`PAIR_FEATURES`,
     and the counts of kept and dropped candidates. Raises a ``ValueError`` that says why when no pair
@@ -354,7 +375,7 @@ def build_pairs(
     if mode == "trajectory":
         pairs = trajectory_pairs(rows, label, min_margin, align, counts)
     elif mode == "step":
-        pairs = step_pairs(rows, label, min_margin, counts)
+        pairs = step_pairs(rows, label, min_margin, counts, per_state)
     else:
         pairs = expert_pairs(rows, min_margin, counts)
     if not pairs:

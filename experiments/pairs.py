@@ -34,6 +34,9 @@ class PairsConfig:
     align: Literal["first", "aligned"] = "first"
     """Trajectory mode: pair the first step where the episodes answered differently at the same state, or
     every such step before their states part."""
+    per_state: Literal["all", "best-worst"] = "all"
+    """Step mode: every two different answers at a state, or only its best over its worst (one pair per
+    state: a policy that words its answers in many ways otherwise gives pairs quadratic in their number)."""
 
 
 def main(config: PairsConfig) -> dict:
@@ -42,13 +45,16 @@ def main(config: PairsConfig) -> dict:
 
     if not config.stores:
         raise ValueError("Name at least one trajectory store: vlmrl pairs STORE [STORE...] --out PATH.")
-    pairs, counts = build_pairs(config.stores, config.mode, config.label, config.min_margin, config.align)
+    pairs, counts = build_pairs(
+        config.stores, config.mode, config.label, config.min_margin, config.align, config.per_state
+    )
     summary = {
         "stores": list(config.stores),
         "mode": config.mode,
         "label": "expert" if config.mode == "expert" else config.label,
         "min_margin": config.min_margin,
         "align": config.align,
+        "per_state": config.per_state,
         "counts": counts,
     }
     save_pairs(pairs, config.out, summary)

@@ -103,6 +103,11 @@ def test_step_pairs_rank_answers_at_the_same_state_by_mean_return_to_go(tmp_path
     assert all(p["step_text"] == "state 0" for p in pairs)  # state 2's "down" vs "down" is one answer
     with pytest.raises(ValueError, match="below_margin"):
         build_pairs([store], mode="step", min_margin=0.35)
+    # One pair per state, its best answer over its worst: up and right tie at 0.5, the first given (up) wins.
+    pairs, counts = build_pairs([store], mode="step", per_state="best-worst")
+    assert answers(pairs) == [("up", "left")] and counts["not_extreme"] == 2  # of 3 candidates
+    with pytest.raises(ValueError, match="per_state"):
+        build_pairs([store], mode="step", per_state="best")
 
 
 def test_nan_returns_never_become_labels(tmp_path):
