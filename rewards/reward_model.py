@@ -400,13 +400,18 @@ class RewardTrainConfig:
     center_rewards_coefficient: float = 0.0
     """Weight of ``mean((r_c + r_r)^2)`` (TRL's ``center_rewards_coefficient``; Eisenstein et al. 2023 use 0.01)."""
     eval_fraction: float = 0.1
-    """Share of pairs held out for accuracy (at least one pair when the set has two or more)."""
+    """Share of pairs held out for accuracy (at least one pair when the set has two or more); pairs from an
+    expert's episodes are held out by whole episodes (:func:`split_pairs`)."""
     seed: int = 0
     """Seed of the split and of the shuffling."""
+    log_every: int = 100
+    """Print the mean training loss and accuracy of the last this many steps (0: never)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs={self.epochs}, batch_size={self.batch_size}: both must be at least 1.")
+        if self.log_every < 0:
+            raise ValueError(f"log_every={self.log_every}: use a number of steps, or 0 to print nothing.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps}: use at least 1, or leave it unset.")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -439,6 +444,50 @@ def _score_pairs(model: RewardModel, batch: dict[str, list]) -> tuple[torch.Tens
     return scores[:count], scores[count:]
 
 
+def split_pairs(pairs: Any, eval_fraction: float, seed: int = 0) -> tuple[Any, Any]:
+    """``(training, held_out)``: a share ``eval_fraction`` of the pairs held out for accuracy.
+
+    Pairs made from an expert's episodes (a ``seed`` column: the episode's reset seed) are held out by whole
+    episodes, so that no held-out state comes from an episode that also gave training pairs (the states of
+    one episode are a few moves apart and look alike). Other sets are split by rows. At least one pair is
+    held out when the set has two or more and ``eval_fraction > 0``.
+    """
+    if len(pairs) < 2 or not eval_fraction:
+        return pairs, pairs.select([])
+    wanted = max(1, round(eval_fraction * len(pairs)))
+    rng = np.random.default_rng(seed)
+    if "seed" not in pairs.column_names:
+        order = rng.permutation(len(pairs))
+        return pairs.select(sorted(order[wanted:])), pairs.select(sorted(order[:wanted]))
+    episodes: dict[Any, list[int]] = {}
+    env_ids = pairs["env_id"] if "env_id" in pairs.column_names else [None] * len(pairs)
+    for row, episode in enumerate(zip(env_ids, pairs["seed"])):
+        episodes.setdefault(episode, []).append(row)
+    groups = list(episodes.values())
+    held_out: list[int] = []
+    for position in rng.permutation(len(groups)):
+        if len(held_out) >= wanted:
+            break
+        held_out.extend(groups[position])
+    if len(held_out) == len(pairs):  # one episode only: keep something to train on
+        held_out = held_out[:wanted]
+    kept = set(held_out)
+    return pairs.select([r for r in range(len(pairs)) if r not in kept]), pairs.select(sorted(held_out))
+
+
+def unseen_rows(training: Any, held_out: Any) -> list[int]:
+    """Rows of ``held_out`` whose image (pixel for pixel) no training pair has: the pairs a model cannot
+    get right by remembering a training image (a small env has few distinct images, e.g. GridWorld 4x4
+    without walls: 16 x 15 agent and goal cells)."""
+    seen = {_image_key(images) for images in training["images"]}
+    return [row for row, images in enumerate(held_out["images"]) if _image_key(images) not in seen]
+
+
+def _image_key(images: Any) -> bytes:
+    image = _first_image(images)
+    return np.asarray(image).tobytes()
+
+
 def train_reward_model(config: RewardTrainConfig, pairs: Any = None, log: Any = print) -> dict[str, float]:
     """Train as ``config`` says (on ``pairs`` when given, else ``config.pairs``), save, and return the metrics:
     first and last training batch loss, held-out loss and accuracy (when pairs are held out)."""
@@ -451,16 +500,18 @@ def train_reward_model(config: RewardTrainConfig, pairs: Any = None, log: Any = 
         pairs = check_pairs(
             labelled_pairs(pairs, LabelStore(config.labels).read()), f"the pairs labelled in {config.labels}"
         )
-    held_out = 0 if len(pairs) < 2 else max(1, round(config.eval_fraction * len(pairs))) if config.eval_fraction else 0
-    split = pairs.shuffle(seed=config.seed)
-    evaluation, training = split.select(range(held_out)), split.select(range(held_out, len(split)))
+    training, evaluation = split_pairs(pairs, config.eval_fraction, config.seed)
+    held_out = len(evaluation)
     model = RewardModel.create(config.model)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     metrics: dict[str, float] = {"train_pairs": len(training), "held_out_pairs": held_out}
+    unseen = unseen_rows(training, evaluation) if held_out else []
+    metrics["held_out_unseen_image_pairs"] = len(unseen)
     if held_out:
         metrics.update({f"initial_held_out_{k}": v for k, v in evaluate_pairs(model, evaluation).items()})
     steps, start = 0, time.perf_counter()
+    recent: list[tuple[float, float]] = []
     for epoch in itertools.count() if config.max_steps is not None else range(config.epochs):
         order = training.shuffle(seed=config.seed + epoch)
         for first in range(0, len(order), config.batch_size):
@@ -477,7 +528,14 @@ def train_reward_model(config: RewardTrainConfig, pairs: Any = None, log: Any = 
             metrics.setdefault("first_loss", loss.item())
             metrics["last_loss"] = loss.item()
             metrics["last_accuracy"] = pair_accuracy(chosen.detach(), rejected.detach())
+            recent.append((loss.item(), metrics["last_accuracy"]))
             steps += 1
+            if config.log_every and steps % config.log_every == 0:
+                mean_loss, mean_accuracy = np.mean(recent[-config.log_every :], axis=0)
+                log(
+                    f"step {steps}: training loss {mean_loss:.3f}, accuracy {mean_accuracy:.3f} "
+                    f"(last {config.log_every} steps), {time.perf_counter() - start:.0f} s"
+                )
             if config.max_steps is not None and steps >= config.max_steps:
                 break
         if config.max_steps is not None and steps >= config.max_steps:
@@ -487,6 +545,13 @@ def train_reward_model(config: RewardTrainConfig, pairs: Any = None, log: Any = 
     if held_out:
         metrics.update({f"held_out_{k}": v for k, v in evaluate_pairs(model, evaluation).items()})
         log(f"reward model: held-out accuracy {metrics['held_out_accuracy']:.3f} on {held_out} pairs")
+        if unseen:
+            unseen_metrics = evaluate_pairs(model, evaluation.select(unseen))
+            metrics["held_out_unseen_image_accuracy"] = unseen_metrics["accuracy"]
+            log(
+                f"reward model: held-out accuracy {unseen_metrics['accuracy']:.3f} on the {len(unseen)} pairs "
+                "whose image no training pair has"
+            )
     model.save(config.out, metrics)
     return metrics
 
@@ -565,6 +630,19 @@ class PairsConfig:
     """Reset seed of the first episode (and of the rejected actions)."""
     prompt_style: Literal["cot", "action"] = "action"
     """Answer format of chosen and rejected."""
+    env_kwargs: str = "{}"
+    """Keyword arguments of ``gymnasium.make`` as JSON, e.g. ``'{"size": 4, "n_walls": 0}'`` (the GridWorld of
+    ``experiments/gridworld.py``)."""
+
+    def __post_init__(self) -> None:
+        try:
+            options = json.loads(self.env_kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"--env-kwargs {self.env_kwargs!r} is not JSON ({error}); e.g. '{{\"size\": 4}}'."
+            ) from None
+        if not isinstance(options, dict):
+            raise ValueError(f"--env-kwargs {self.env_kwargs!r}: give a JSON object of keyword arguments.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -572,7 +650,13 @@ def main(argv: list[str] | None = None) -> None:
 
     command = tyro.extras.subcommand_cli_from_dict({"train": RewardTrainConfig, "pairs": PairsConfig}, args=argv)
     if isinstance(command, PairsConfig):
-        pairs = expert_pairs(command.env_id, command.states, seed=command.seed, prompt_style=command.prompt_style)
+        pairs = expert_pairs(
+            command.env_id,
+            command.states,
+            seed=command.seed,
+            prompt_style=command.prompt_style,
+            env_kwargs=json.loads(command.env_kwargs),
+        )
         pairs.save_to_disk(command.out)
         print(json.dumps({"pairs": len(pairs), "out": command.out}))
     else:

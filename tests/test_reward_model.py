@@ -22,7 +22,9 @@ from rewards.reward_model import (
     evaluate_pairs,
     expert_pairs,
     pair_accuracy,
+    split_pairs,
     train_reward_model,
+    unseen_rows,
 )
 
 GRID = "vlmrl/GridWorld-v0"
@@ -70,6 +72,30 @@ def test_expert_pairs_prefer_the_expert_action(pairs):
             inside = 0 <= cell[0] < env.size and 0 <= cell[1] < env.size and not env.walls[cell]
             after = env._distances[cell] if inside else here
             assert after == expected if expected is not None else after >= here
+
+
+def test_held_out_pairs_are_whole_episodes_and_unseen_images_are_counted(pairs):
+    training, held_out = split_pairs(pairs, 0.25, seed=0)
+    assert len(training) + len(held_out) == len(pairs) and len(held_out) >= 3
+    assert not set(training["seed"]) & set(held_out["seed"])  # no episode on both sides
+    # Held-out rows whose image a training row has are not "unseen"; the training rows themselves are all seen.
+    assert unseen_rows(training, training) == []
+    assert unseen_rows(held_out.select([]), held_out) == list(range(len(held_out)))
+    # A set without episodes is split by rows.
+    rows = datasets.Dataset.from_dict({key: pairs[key] for key in ("images", "prompt", "chosen", "rejected")})
+    training, held_out = split_pairs(rows, 0.25, seed=0)
+    assert (len(training), len(held_out)) == (9, 3)
+
+
+def test_pairs_command_takes_env_options(tmp_path):
+    from rewards.reward_model import PairsConfig, main
+
+    main(["pairs", "--env-id", GRID, "--states", "3", "--env-kwargs", '{"size": 3, "n_walls": 0}',
+          "--out", str(tmp_path / "p")])  # fmt: skip
+    made = datasets.load_from_disk(str(tmp_path / "p"))
+    assert len(made) == 3 and made[0]["images"][0].size == (3 * 16, 3 * 16)  # 3 cells of 16 px
+    with pytest.raises(ValueError, match=r"not JSON"):
+        PairsConfig(out=str(tmp_path / "q"), env_kwargs="size=3")
 
 
 def test_an_empty_or_malformed_pair_set_is_one_clear_message(tmp_path):
