@@ -569,18 +569,33 @@ class RewardModelRewardConfig:
     """Directory of a trained reward model (written by ``python -m rewards.reward_model train``)."""
     batch_size: int = 16
     """Answers scored per forward pass."""
+    baseline: Literal["none", "mean", "max"] = "none"
+    """Subtract the mean or the largest score of the step's legal actions at the same state (the model then
+    scores each of them too: one forward row per legal action). Bradley-Terry pairs compare answers at one
+    state, so they fix ``r(s, a) - r(s, a')`` but not the level of ``r(s, .)`` from state to state; summed
+    over an episode, that free level can pay a policy for visiting the states the model happens to score
+    high (PPO on GridWorld with ``none`` circled instead of reaching the goal: README). ``max`` makes the
+    best-scored action's reward 0 and every other one's negative. Action-style models only."""
 
 
 class RewardModelReward:
     """Score each step's answer with a reward model: the image, the env's prompt in the model's answer
-    style, and the answer's text."""
+    style, and the answer's text (minus the state's ``baseline`` over legal actions, if asked)."""
 
-    def __init__(self, model: RewardModel, env_id: str, batch_size: int = 16) -> None:
+    def __init__(self, model: RewardModel, env_id: str, batch_size: int = 16, baseline: str = "none") -> None:
         import envs
 
+        if baseline not in ("none", "mean", "max"):
+            raise ValueError(f"rm: baseline={baseline!r}; use none, mean or max.")
+        if baseline != "none" and model.config.prompt_style != "action":
+            raise ValueError(
+                f"rm: baseline={baseline} scores every legal action as an answer, which needs a model of "
+                f"action-style answers; this one scores {model.config.prompt_style!r} answers. Use baseline=none."
+            )
         self.model = model
         self.spec = envs.get_language(env_id)
         self.batch_size = batch_size
+        self.baseline = baseline
 
     def __call__(
         self, observations: Any, completions: Sequence[Any], infos: Sequence[dict], **step: Any
@@ -591,11 +606,30 @@ class RewardModelReward:
         images, texts = split_observations(observations)
         prompts = [build_prompt(self.spec, text, self.model.config.prompt_style) for text in texts]
         answers = [completion.text for completion in completions]
-        scores = []
+        if self.baseline == "none":
+            return self._scores(images, prompts, answers)
+        # One row per (env, legal action), plus the answer itself when it is none of them (an invalid text).
+        legal = [list(getattr(c, "action_names", None) or self.spec.action_names) for c in completions]
+        rows = [(env, name) for env in range(len(completions)) for name in legal[env]]
+        rows += [(env, answers[env]) for env in range(len(completions)) if answers[env] not in legal[env]]
+        scored = self._scores([images[e] for e, _ in rows], [prompts[e] for e, _ in rows], [a for _, a in rows])
+        per_env: list[dict[str, float]] = [{} for _ in completions]
+        for (env, answer), score in zip(rows, scored):
+            per_env[env][answer] = score
+        reduce = np.mean if self.baseline == "mean" else np.max
+        return [
+            per_env[env][answers[env]] - float(reduce([per_env[env][name] for name in legal[env]]))
+            for env in range(len(completions))
+        ]
+
+    def _scores(self, images: list, prompts: list[str], answers: list[str]) -> list[float]:
+        scores: list[float] = []
         with torch.no_grad():
             for start in range(0, len(answers), self.batch_size):
                 end = start + self.batch_size
-                scores.extend(self.model.score(images[start:end], prompts[start:end], answers[start:end]).tolist())
+                scores.extend(
+                    self.model.score(images[start:end], prompts[start:end], answers[start:end]).flatten().tolist()
+                )
         return scores
 
 
@@ -608,7 +642,7 @@ def build_reward_model_reward(context: Any, options: dict[str, str]) -> RewardMo
     if context.env_id is None:
         raise ValueError("rm: the reward set needs the env id (RewardContext(env_id=...)) to build prompts.")
     model = RewardModel.load(config.path, device=context.device)
-    return RewardModelReward(model, context.env_id, config.batch_size)
+    return RewardModelReward(model, context.env_id, config.batch_size, config.baseline)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -161,6 +161,32 @@ def test_reward_model_as_a_reward_module(pairs, tmp_path):
         RewardSet.from_specs(["rm:1"], RewardContext(env_id=GRID))
 
 
+def test_reward_model_baseline_subtracts_the_states_best_or_mean_legal_action(pairs, tmp_path):
+    model = RewardModel.create(tiny_config())
+    model.save(tmp_path / "rm")
+    row = pairs[0]
+    observations = {"image": np.stack([np.asarray(row["images"][0])] * 3), "text": ("Step 0 of 16.",) * 3}
+    names = envs.get_language(GRID).action_names
+    completions = [SimpleNamespace(text=text, action=None, action_names=names) for text in ("up", "left", "jump")]
+    with torch.no_grad():
+        every = model.score([row["images"]] * 5, [row["prompt"]] * 5, [*names, "jump"]).flatten().numpy()
+    by_name = dict(zip([*names, "jump"], every))
+    for baseline, level in (("max", every[:4].max()), ("mean", every[:4].mean())):
+        rewards = RewardSet.from_specs(
+            [f"rm:1.0:path={tmp_path / 'rm'},baseline={baseline}"], RewardContext(env_id=GRID)
+        )
+        result = rewards(observations, completions, [{}] * 3, env_rewards=np.zeros(3), terminated=np.zeros(3, bool))
+        expected = [by_name["up"] - level, by_name["left"] - level, by_name["jump"] - level]
+        np.testing.assert_allclose(result.terms["rm"], expected, rtol=1e-4, atol=1e-5)
+        if baseline == "max":  # no legal action scores above the best one
+            assert max(result.terms["rm"][:2]) <= 1e-6
+    RewardModel(model.policy, RewardModelConfig(**{**tiny_config().__dict__, "prompt_style": "cot"})).save(
+        tmp_path / "cot"
+    )
+    with pytest.raises(ValueError, match=r"action-style answers"):
+        RewardSet.from_specs([f"rm:1.0:path={tmp_path / 'cot'},baseline=max"], RewardContext(env_id=GRID))
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2vl", "tiny-smolvlm"])
 def test_scores_do_not_depend_on_padding(preset):
     """The head reads the last answer token whatever the batch pads: a batch scores as its rows one by one."""
