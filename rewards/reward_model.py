@@ -400,13 +400,18 @@ class RewardTrainConfig:
     center_rewards_coefficient: float = 0.0
     """Weight of ``mean((r_c + r_r)^2)`` (TRL's ``center_rewards_coefficient``; Eisenstein et al. 2023 use 0.01)."""
     eval_fraction: float = 0.1
-    """Share of pairs held out for accuracy (at least one pair when the set has two or more)."""
+    """Share of pairs held out for accuracy (at least one pair when the set has two or more); pairs from an
+    expert's episodes are held out by whole episodes (:func:`split_pairs`)."""
     seed: int = 0
     """Seed of the split and of the shuffling."""
+    log_every: int = 100
+    """Print the mean training loss and accuracy of the last this many steps (0: never)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs={self.epochs}, batch_size={self.batch_size}: both must be at least 1.")
+        if self.log_every < 0:
+            raise ValueError(f"log_every={self.log_every}: use a number of steps, or 0 to print nothing.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps}: use at least 1, or leave it unset.")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -439,6 +444,50 @@ def _score_pairs(model: RewardModel, batch: dict[str, list]) -> tuple[torch.Tens
     return scores[:count], scores[count:]
 
 
+def split_pairs(pairs: Any, eval_fraction: float, seed: int = 0) -> tuple[Any, Any]:
+    """``(training, held_out)``: a share ``eval_fraction`` of the pairs held out for accuracy.
+
+    Pairs made from an expert's episodes (a ``seed`` column: the episode's reset seed) are held out by whole
+    episodes, so that no held-out state comes from an episode that also gave training pairs (the states of
+    one episode are a few moves apart and look alike). Other sets are split by rows. At least one pair is
+    held out when the set has two or more and ``eval_fraction > 0``.
+    """
+    if len(pairs) < 2 or not eval_fraction:
+        return pairs, pairs.select([])
+    wanted = max(1, round(eval_fraction * len(pairs)))
+    rng = np.random.default_rng(seed)
+    if "seed" not in pairs.column_names:
+        order = rng.permutation(len(pairs))
+        return pairs.select(sorted(order[wanted:])), pairs.select(sorted(order[:wanted]))
+    episodes: dict[Any, list[int]] = {}
+    env_ids = pairs["env_id"] if "env_id" in pairs.column_names else [None] * len(pairs)
+    for row, episode in enumerate(zip(env_ids, pairs["seed"])):
+        episodes.setdefault(episode, []).append(row)
+    groups = list(episodes.values())
+    held_out: list[int] = []
+    for position in rng.permutation(len(groups)):
+        if len(held_out) >= wanted:
+            break
+        held_out.extend(groups[position])
+    if len(held_out) == len(pairs):  # one episode only: keep something to train on
+        held_out = held_out[:wanted]
+    kept = set(held_out)
+    return pairs.select([r for r in range(len(pairs)) if r not in kept]), pairs.select(sorted(held_out))
+
+
+def unseen_rows(training: Any, held_out: Any) -> list[int]:
+    """Rows of ``held_out`` whose image (pixel for pixel) no training pair has: the pairs a model cannot
+    get right by remembering a training image (a small env has few distinct images, e.g. GridWorld 4x4
+    without walls: 16 x 15 agent and goal cells)."""
+    seen = {_image_key(images) for images in training["images"]}
+    return [row for row, images in enumerate(held_out["images"]) if _image_key(images) not in seen]
+
+
+def _image_key(images: Any) -> bytes:
+    image = _first_image(images)
+    return np.asarray(image).tobytes()
+
+
 def train_reward_model(config: RewardTrainConfig, pairs: Any = None, log: Any = print) -> dict[str, float]:
     """Train as ``config`` says (on ``pairs`` when given, else ``config.pairs``), save, and return the metrics:
     first and last training batch loss, held-out loss and accuracy (when pairs are held out)."""
@@ -451,16 +500,18 @@ def train_reward_model(config: RewardTrainConfig, pairs: Any = None, log: Any = 
         pairs = check_pairs(
             labelled_pairs(pairs, LabelStore(config.labels).read()), f"the pairs labelled in {config.labels}"
         )
-    held_out = 0 if len(pairs) < 2 else max(1, round(config.eval_fraction * len(pairs))) if config.eval_fraction else 0
-    split = pairs.shuffle(seed=config.seed)
-    evaluation, training = split.select(range(held_out)), split.select(range(held_out, len(split)))
+    training, evaluation = split_pairs(pairs, config.eval_fraction, config.seed)
+    held_out = len(evaluation)
     model = RewardModel.create(config.model)
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     metrics: dict[str, float] = {"train_pairs": len(training), "held_out_pairs": held_out}
+    unseen = unseen_rows(training, evaluation) if held_out else []
+    metrics["held_out_unseen_image_pairs"] = len(unseen)
     if held_out:
         metrics.update({f"initial_held_out_{k}": v for k, v in evaluate_pairs(model, evaluation).items()})
     steps, start = 0, time.perf_counter()
+    recent: list[tuple[float, float]] = []
     for epoch in itertools.count() if config.max_steps is not None else range(config.epochs):
         order = training.shuffle(seed=config.seed + epoch)
         for first in range(0, len(order), config.batch_size):
@@ -477,7 +528,14 @@ def train_reward_model(config: RewardTrainConfig, pairs: Any = None, log: Any = 
             metrics.setdefault("first_loss", loss.item())
             metrics["last_loss"] = loss.item()
             metrics["last_accuracy"] = pair_accuracy(chosen.detach(), rejected.detach())
+            recent.append((loss.item(), metrics["last_accuracy"]))
             steps += 1
+            if config.log_every and steps % config.log_every == 0:
+                mean_loss, mean_accuracy = np.mean(recent[-config.log_every :], axis=0)
+                log(
+                    f"step {steps}: training loss {mean_loss:.3f}, accuracy {mean_accuracy:.3f} "
+                    f"(last {config.log_every} steps), {time.perf_counter() - start:.0f} s"
+                )
             if config.max_steps is not None and steps >= config.max_steps:
                 break
         if config.max_steps is not None and steps >= config.max_steps:
@@ -487,6 +545,13 @@ def train_reward_model(config: RewardTrainConfig, pairs: Any = None, log: Any = 
     if held_out:
         metrics.update({f"held_out_{k}": v for k, v in evaluate_pairs(model, evaluation).items()})
         log(f"reward model: held-out accuracy {metrics['held_out_accuracy']:.3f} on {held_out} pairs")
+        if unseen:
+            unseen_metrics = evaluate_pairs(model, evaluation.select(unseen))
+            metrics["held_out_unseen_image_accuracy"] = unseen_metrics["accuracy"]
+            log(
+                f"reward model: held-out accuracy {unseen_metrics['accuracy']:.3f} on the {len(unseen)} pairs "
+                "whose image no training pair has"
+            )
     model.save(config.out, metrics)
     return metrics
 
@@ -504,18 +569,33 @@ class RewardModelRewardConfig:
     """Directory of a trained reward model (written by ``python -m rewards.reward_model train``)."""
     batch_size: int = 16
     """Answers scored per forward pass."""
+    baseline: Literal["none", "mean", "max"] = "none"
+    """Subtract the mean or the largest score of the step's legal actions at the same state (the model then
+    scores each of them too: one forward row per legal action). Bradley-Terry pairs compare answers at one
+    state, so they fix ``r(s, a) - r(s, a')`` but not the level of ``r(s, .)`` from state to state; summed
+    over an episode, that free level can pay a policy for visiting the states the model happens to score
+    high (PPO on GridWorld with ``none`` circled instead of reaching the goal: README). ``max`` makes the
+    best-scored action's reward 0 and every other one's negative. Action-style models only."""
 
 
 class RewardModelReward:
     """Score each step's answer with a reward model: the image, the env's prompt in the model's answer
-    style, and the answer's text."""
+    style, and the answer's text (minus the state's ``baseline`` over legal actions, if asked)."""
 
-    def __init__(self, model: RewardModel, env_id: str, batch_size: int = 16) -> None:
+    def __init__(self, model: RewardModel, env_id: str, batch_size: int = 16, baseline: str = "none") -> None:
         import envs
 
+        if baseline not in ("none", "mean", "max"):
+            raise ValueError(f"rm: baseline={baseline!r}; use none, mean or max.")
+        if baseline != "none" and model.config.prompt_style != "action":
+            raise ValueError(
+                f"rm: baseline={baseline} scores every legal action as an answer, which needs a model of "
+                f"action-style answers; this one scores {model.config.prompt_style!r} answers. Use baseline=none."
+            )
         self.model = model
         self.spec = envs.get_language(env_id)
         self.batch_size = batch_size
+        self.baseline = baseline
 
     def __call__(
         self, observations: Any, completions: Sequence[Any], infos: Sequence[dict], **step: Any
@@ -526,11 +606,30 @@ class RewardModelReward:
         images, texts = split_observations(observations)
         prompts = [build_prompt(self.spec, text, self.model.config.prompt_style) for text in texts]
         answers = [completion.text for completion in completions]
-        scores = []
+        if self.baseline == "none":
+            return self._scores(images, prompts, answers)
+        # One row per (env, legal action), plus the answer itself when it is none of them (an invalid text).
+        legal = [list(getattr(c, "action_names", None) or self.spec.action_names) for c in completions]
+        rows = [(env, name) for env in range(len(completions)) for name in legal[env]]
+        rows += [(env, answers[env]) for env in range(len(completions)) if answers[env] not in legal[env]]
+        scored = self._scores([images[e] for e, _ in rows], [prompts[e] for e, _ in rows], [a for _, a in rows])
+        per_env: list[dict[str, float]] = [{} for _ in completions]
+        for (env, answer), score in zip(rows, scored):
+            per_env[env][answer] = score
+        reduce = np.mean if self.baseline == "mean" else np.max
+        return [
+            per_env[env][answers[env]] - float(reduce([per_env[env][name] for name in legal[env]]))
+            for env in range(len(completions))
+        ]
+
+    def _scores(self, images: list, prompts: list[str], answers: list[str]) -> list[float]:
+        scores: list[float] = []
         with torch.no_grad():
             for start in range(0, len(answers), self.batch_size):
                 end = start + self.batch_size
-                scores.extend(self.model.score(images[start:end], prompts[start:end], answers[start:end]).tolist())
+                scores.extend(
+                    self.model.score(images[start:end], prompts[start:end], answers[start:end]).flatten().tolist()
+                )
         return scores
 
 
@@ -543,7 +642,7 @@ def build_reward_model_reward(context: Any, options: dict[str, str]) -> RewardMo
     if context.env_id is None:
         raise ValueError("rm: the reward set needs the env id (RewardContext(env_id=...)) to build prompts.")
     model = RewardModel.load(config.path, device=context.device)
-    return RewardModelReward(model, context.env_id, config.batch_size)
+    return RewardModelReward(model, context.env_id, config.batch_size, config.baseline)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -565,6 +664,19 @@ class PairsConfig:
     """Reset seed of the first episode (and of the rejected actions)."""
     prompt_style: Literal["cot", "action"] = "action"
     """Answer format of chosen and rejected."""
+    env_kwargs: str = "{}"
+    """Keyword arguments of ``gymnasium.make`` as JSON, e.g. ``'{"size": 4, "n_walls": 0}'`` (the GridWorld of
+    ``experiments/gridworld.py``)."""
+
+    def __post_init__(self) -> None:
+        try:
+            options = json.loads(self.env_kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"--env-kwargs {self.env_kwargs!r} is not JSON ({error}); e.g. '{{\"size\": 4}}'."
+            ) from None
+        if not isinstance(options, dict):
+            raise ValueError(f"--env-kwargs {self.env_kwargs!r}: give a JSON object of keyword arguments.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -572,7 +684,13 @@ def main(argv: list[str] | None = None) -> None:
 
     command = tyro.extras.subcommand_cli_from_dict({"train": RewardTrainConfig, "pairs": PairsConfig}, args=argv)
     if isinstance(command, PairsConfig):
-        pairs = expert_pairs(command.env_id, command.states, seed=command.seed, prompt_style=command.prompt_style)
+        pairs = expert_pairs(
+            command.env_id,
+            command.states,
+            seed=command.seed,
+            prompt_style=command.prompt_style,
+            env_kwargs=json.loads(command.env_kwargs),
+        )
         pairs.save_to_disk(command.out)
         print(json.dumps({"pairs": len(pairs), "out": command.out}))
     else:

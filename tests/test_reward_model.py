@@ -22,7 +22,9 @@ from rewards.reward_model import (
     evaluate_pairs,
     expert_pairs,
     pair_accuracy,
+    split_pairs,
     train_reward_model,
+    unseen_rows,
 )
 
 GRID = "vlmrl/GridWorld-v0"
@@ -70,6 +72,30 @@ def test_expert_pairs_prefer_the_expert_action(pairs):
             inside = 0 <= cell[0] < env.size and 0 <= cell[1] < env.size and not env.walls[cell]
             after = env._distances[cell] if inside else here
             assert after == expected if expected is not None else after >= here
+
+
+def test_held_out_pairs_are_whole_episodes_and_unseen_images_are_counted(pairs):
+    training, held_out = split_pairs(pairs, 0.25, seed=0)
+    assert len(training) + len(held_out) == len(pairs) and len(held_out) >= 3
+    assert not set(training["seed"]) & set(held_out["seed"])  # no episode on both sides
+    # Held-out rows whose image a training row has are not "unseen"; the training rows themselves are all seen.
+    assert unseen_rows(training, training) == []
+    assert unseen_rows(held_out.select([]), held_out) == list(range(len(held_out)))
+    # A set without episodes is split by rows.
+    rows = datasets.Dataset.from_dict({key: pairs[key] for key in ("images", "prompt", "chosen", "rejected")})
+    training, held_out = split_pairs(rows, 0.25, seed=0)
+    assert (len(training), len(held_out)) == (9, 3)
+
+
+def test_pairs_command_takes_env_options(tmp_path):
+    from rewards.reward_model import PairsConfig, main
+
+    main(["pairs", "--env-id", GRID, "--states", "3", "--env-kwargs", '{"size": 3, "n_walls": 0}',
+          "--out", str(tmp_path / "p")])  # fmt: skip
+    made = datasets.load_from_disk(str(tmp_path / "p"))
+    assert len(made) == 3 and made[0]["images"][0].size == (3 * 16, 3 * 16)  # 3 cells of 16 px
+    with pytest.raises(ValueError, match=r"not JSON"):
+        PairsConfig(out=str(tmp_path / "q"), env_kwargs="size=3")
 
 
 def test_an_empty_or_malformed_pair_set_is_one_clear_message(tmp_path):
@@ -133,6 +159,32 @@ def test_reward_model_as_a_reward_module(pairs, tmp_path):
     np.testing.assert_allclose(result.total, 2 * direct.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"rm: say which reward model"):
         RewardSet.from_specs(["rm:1"], RewardContext(env_id=GRID))
+
+
+def test_reward_model_baseline_subtracts_the_states_best_or_mean_legal_action(pairs, tmp_path):
+    model = RewardModel.create(tiny_config())
+    model.save(tmp_path / "rm")
+    row = pairs[0]
+    observations = {"image": np.stack([np.asarray(row["images"][0])] * 3), "text": ("Step 0 of 16.",) * 3}
+    names = envs.get_language(GRID).action_names
+    completions = [SimpleNamespace(text=text, action=None, action_names=names) for text in ("up", "left", "jump")]
+    with torch.no_grad():
+        every = model.score([row["images"]] * 5, [row["prompt"]] * 5, [*names, "jump"]).flatten().numpy()
+    by_name = dict(zip([*names, "jump"], every))
+    for baseline, level in (("max", every[:4].max()), ("mean", every[:4].mean())):
+        rewards = RewardSet.from_specs(
+            [f"rm:1.0:path={tmp_path / 'rm'},baseline={baseline}"], RewardContext(env_id=GRID)
+        )
+        result = rewards(observations, completions, [{}] * 3, env_rewards=np.zeros(3), terminated=np.zeros(3, bool))
+        expected = [by_name["up"] - level, by_name["left"] - level, by_name["jump"] - level]
+        np.testing.assert_allclose(result.terms["rm"], expected, rtol=1e-4, atol=1e-5)
+        if baseline == "max":  # no legal action scores above the best one
+            assert max(result.terms["rm"][:2]) <= 1e-6
+    RewardModel(model.policy, RewardModelConfig(**{**tiny_config().__dict__, "prompt_style": "cot"})).save(
+        tmp_path / "cot"
+    )
+    with pytest.raises(ValueError, match=r"action-style answers"):
+        RewardSet.from_specs([f"rm:1.0:path={tmp_path / 'cot'},baseline=max"], RewardContext(env_id=GRID))
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2vl", "tiny-smolvlm"])
