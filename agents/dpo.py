@@ -424,7 +424,7 @@ def minibatch_step(policy: VLMPolicy, data: PairData, batch: np.ndarray, config:
 
 def train(config: DPOConfig, defaults: DPOConfig | None = None) -> Path:
     """DPO on ``config.pairs`` (or iterated online with ``config.rounds``); return the run directory."""
-    if config.rounds:
+    if config.rounds or _resumes_iterated(config):
         return train_iterated(config, defaults)
     with Run(config, "dpo", defaults) as run:
         config = run.config
@@ -478,6 +478,19 @@ def train(config: DPOConfig, defaults: DPOConfig | None = None) -> Path:
                     metrics.update(eval_metrics(run.evaluate(policy)))
             run.end_update(update, metrics, pairs_seen, policy, finished=[], optimizer=optimizer, batches=batches)
         return run.finish(policy, global_step=pairs_seen)
+
+
+def _resumes_iterated(config: DPOConfig) -> bool:
+    """Whether ``--resume`` names an iterated run (resuming needs no ``--rounds``: the run keeps its own)."""
+    if not config.resume:
+        return False
+    from agents.checkpoint import find_checkpoint, load_trainer_state
+
+    try:
+        saved = load_trainer_state(find_checkpoint(config.resume)).get("config", {})
+    except Exception:  # noqa: BLE001 - the run reads the checkpoint again and reports what is wrong with it
+        return False
+    return bool(isinstance(saved, dict) and saved.get("rounds"))
 
 
 def collect_round(run: Run, policy: VLMPolicy, config: DPOConfig, update: int) -> tuple[Path, dict[str, list]]:

@@ -480,7 +480,7 @@ def test_iterated_dpo_plays_pairs_and_trains_once_per_round_and_resumes_exactly(
     resumed = tmp_path / "b"
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / checkpoints[-1].name)
-    train(dpo_config(tmp_path / "ignored", "", resume=str(resumed), **options))
+    train(dpo_config(tmp_path / "ignored", "", resume=str(resumed)))  # the run keeps its own rounds
     expected = load_policy(str(checkpoints[-1] / "policy")).state_dict()
     actual = load_policy(str(resumed / "checkpoints" / checkpoints[-1].name / "policy")).state_dict()
     for name, value in expected.items():
