@@ -104,6 +104,19 @@ def verify_checkpoint(directory: Path) -> str | None:
     return None
 
 
+def peek_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state of the newest intact checkpoint of ``path`` (a run or checkpoint directory), or ``{}``
+    when it cannot be read: a best guess for the command line (which algorithm, which mode) before the run
+    reads the checkpoint again, verifies it and reports what is wrong with it, warnings included."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = load_trainer_state(find_checkpoint(path))
+    except Exception:  # noqa: BLE001 - see the docstring: the run itself reports every problem
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def find_checkpoint(path: str | Path, purpose: str = "Resuming") -> Path:
     """The newest intact checkpoint of a run directory (or ``path`` itself if it is a checkpoint).
 

@@ -52,7 +52,7 @@ import torch
 
 from agents.errors import ConfigError
 from agents.losses import dpo_loss, token_mean_nll
-from agents.optim import GuardedStep, make_optimizer, set_learning_rate
+from agents.optim import GuardedStep, LossTotals, make_optimizer, set_learning_rate
 from agents.policy import Completion, VLMPolicy
 from agents.run import Run, RunConfig, eval_metrics
 from agents.sft import Batches
@@ -482,14 +482,9 @@ def train(config: DPOConfig, defaults: DPOConfig | None = None) -> Path:
 
 def _resumes_iterated(config: DPOConfig) -> bool:
     """Whether ``--resume`` names an iterated run (resuming needs no ``--rounds``: the run keeps its own)."""
-    if not config.resume:
-        return False
-    from agents.checkpoint import find_checkpoint, load_trainer_state
+    from agents.checkpoint import peek_trainer_state
 
-    try:
-        saved = load_trainer_state(find_checkpoint(config.resume)).get("config", {})
-    except Exception:  # noqa: BLE001 - the run reads the checkpoint again and reports what is wrong with it
-        return False
+    saved = peek_trainer_state(config.resume).get("config") if config.resume else None
     return bool(isinstance(saved, dict) and saved.get("rounds"))
 
 
@@ -595,20 +590,14 @@ def train_iterated(config: DPOConfig, defaults: DPOConfig | None = None) -> Path
                 held_out = data.select(sorted(split[:held_count]))
                 data = data.select(sorted(split[held_count:]))
                 metrics["dpo/heldout_pairs"] = float(held_count)
-                totals: dict[str, float] = {}
-                steps = 0
+                totals = LossTotals()
                 for _epoch in range(config.round_epochs):
                     order = run.generator.permutation(len(data))
                     for begin in range(0, len(order), config.batch_size):
-                        parts = minibatch_step(
-                            policy, data, order[begin : begin + config.batch_size], config, guarded_step
+                        totals.add(
+                            minibatch_step(policy, data, order[begin : begin + config.batch_size], config, guarded_step)
                         )
-                        if parts is None:
-                            continue
-                        steps += 1
-                        for key, value in parts.items():
-                            totals[key] = totals.get(key, 0.0) + value
-                metrics.update({key: value / max(steps, 1) for key, value in totals.items()})
+                metrics.update(totals.means())  # DPO's parts carry their own prefixes (losses/, rewards/, logps/)
                 with run.whole_policy(policy):
                     metrics.update(held_out_metrics(policy, held_out, config) if run.is_main else {})
             env_steps += stats["steps"]

@@ -198,7 +198,11 @@ class LossTotals:
     def mean(self, key: str) -> float:
         return self.sums[key] / max(self.steps, 1)
 
+    def means(self) -> dict[str, float]:
+        """Each part's mean over the steps taken, under its own name."""
+        return {key: self.mean(key) for key in self.sums}
+
     def metrics(self) -> dict[str, float]:
-        metrics = {f"losses/{key}": self.mean(key) for key in self.sums}
+        metrics = {f"losses/{key}": value for key, value in self.means().items()}
         metrics["losses/skipped_steps"] = self.skipped
         return metrics

@@ -42,13 +42,9 @@ def _pop_option(argv: list[str], name: str, default: str) -> str:
 def _saved_algorithm(resume: str) -> str:
     """The algorithm of the run (or checkpoint) ``--resume`` names, so resuming needs no ``--algo``; empty
     when it cannot be read (the run's own checks then say what is wrong with it)."""
-    from agents.checkpoint import find_checkpoint, load_trainer_state
+    from agents.checkpoint import peek_trainer_state
 
-    try:
-        state = load_trainer_state(find_checkpoint(resume))
-    except Exception:  # noqa: BLE001 - a best guess only: the run reads the checkpoint again and reports properly
-        return ""
-    algorithm = state.get("algorithm") if isinstance(state, dict) else None
+    algorithm = peek_trainer_state(resume).get("algorithm")
     return algorithm if isinstance(algorithm, str) and algorithm in ALGORITHMS else ""
 
 

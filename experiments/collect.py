@@ -69,15 +69,14 @@ class CollectConfig:
 
 def environment(config: CollectConfig) -> tuple[str, dict]:
     """The env id and options to play: an experiment's, or a registered env's own."""
-    import importlib
-
     import gymnasium as gym
 
     import envs  # noqa: F401 - registers vlmrl's own envs
+    from agents.run import import_env_module
     from experiments.cli import EXPERIMENTS, experiment_config
 
     if config.env_module:
-        importlib.import_module(config.env_module)
+        import_env_module(config.env_module)
     if config.experiment in EXPERIMENTS:
         experiment = experiment_config(config.experiment)
         return experiment.env_id, experiment.env_kwargs()
