@@ -40,7 +40,7 @@ from tqdm import tqdm
 from agents.checkpoint import POLICY_DIR, CheckpointError, find_checkpoint, load_trainer_state, save_checkpoint
 from agents.errors import ConfigError, RunDirectoryError
 from agents.optim import OutOfMemory
-from agents.parallel import DataParallel, launched_world_size
+from agents.parallel import DataParallel, check_distributed_type, launched_world_size
 from agents.policy import PolicyConfig
 from agents.rollout import SUCCESS_RULES, EnvRunner, InvalidRule, SuccessRule
 from agents.tracking import RunLogger
@@ -470,6 +470,8 @@ class Run:
         self.progress: tqdm | None = None
         # Under a launcher, every process runs this; without one, nothing below changes (``parallel`` is None).
         self.parallel: DataParallel | None = None
+        # Also with one process: a one-GPU DeepSpeed launch would otherwise train without its config, silently.
+        check_distributed_type()
         if launched_world_size() > 1:
             self.parallel = DataParallel(
                 cpu=config.policy.device == "cpu" or not torch.cuda.is_available(),

@@ -480,6 +480,18 @@ def test_fsdp_settings_and_deepspeed_configs_that_cannot_run_are_refused_with_wh
     assert "configs/accelerate/" in str(refused.value)
 
 
+def test_a_one_process_deepspeed_launch_is_refused_too_not_run_without_its_config(tmp_path, monkeypatch):
+    """``accelerate launch --num_processes 1`` with a DeepSpeed config starts one process (WORLD_SIZE=1)."""
+    from agents.ppo import train
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"DeepSpeed \(ZeRO-2\) is not supported|DeepSpeed, which is not installed"):
+        train(ppo_config(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_shipped_accelerate_configs_are_valid(name):
     from accelerate.commands.config.config_args import load_config_from_file
