@@ -18,12 +18,28 @@ square on the table right under the gripper (and the pole under the reach ball) 
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import re
 
-# The offscreen backend is chosen when mujoco is imported. EGL works headless (with Mesa's software
-# renderer where there is no GPU); a user who exported MUJOCO_GL keeps their choice.
-os.environ.setdefault("MUJOCO_GL", "egl")
+
+def default_gl_backend(find_library=ctypes.util.find_library) -> str:
+    """The offscreen OpenGL backend for MuJoCo when the user set none: EGL, else OSMesa, else none.
+
+    EGL works headless (with Mesa's software renderer where there is no GPU). Where no libEGL is installed
+    (GPU containers often lack it), importing mujoco with ``MUJOCO_GL=egl`` raises inside PyOpenGL, and since
+    ``import envs`` registers Reach and Push, every env would break: then rendering is disabled, and only
+    Reach and Push say so, when they first render (:meth:`TabletopEnv._image`).
+    """
+    if find_library("EGL"):
+        return "egl"
+    if find_library("OSMesa"):
+        return "osmesa"
+    return "disable"
+
+
+# The backend is chosen when mujoco is imported; a user who exported MUJOCO_GL keeps their choice.
+os.environ.setdefault("MUJOCO_GL", default_gl_backend())
 
 from typing import Any, ClassVar  # noqa: E402
 
@@ -500,6 +516,12 @@ class TabletopEnv(LanguageEnv):
 
     def _image(self) -> np.ndarray:
         if self._renderer is None:
+            if os.environ.get("MUJOCO_GL", "").lower() in ("disable", "disabled", "off", "false", "0"):
+                raise RuntimeError(
+                    f"{type(self).__name__}: MuJoCo rendering is disabled (MUJOCO_GL="
+                    f"{os.environ['MUJOCO_GL']!r}; without MUJOCO_GL, vlmrl disables it where it finds neither "
+                    "libEGL nor libOSMesa). Install one (apt install libegl1, or libosmesa6) or set MUJOCO_GL."
+                )
             try:
                 self._renderer = mujoco.Renderer(self.model, self.image_size, self.image_size)
             except mujoco.FatalError as error:

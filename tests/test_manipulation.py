@@ -3,6 +3,7 @@ physics sanity, pickling and validation."""
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import gymnasium as gym
@@ -275,3 +276,30 @@ def test_step_text_hides_state_unless_hinted():
         "x is right, y is forward, z is up."
     )
     hinted.close()
+
+
+def test_the_default_gl_backend_falls_back_where_libegl_is_missing():
+    from envs.manipulation import default_gl_backend
+
+    assert default_gl_backend(lambda name: f"lib{name}.so.1") == "egl"
+    assert default_gl_backend(lambda name: "libOSMesa.so.8" if name == "OSMesa" else None) == "osmesa"
+    assert default_gl_backend(lambda name: None) == "disable"
+
+
+def test_with_rendering_disabled_envs_import_and_reach_says_what_to_install():
+    """Where no GL library exists, ``import envs`` must still work for every other env (seen on a GPU host)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import envs, gymnasium as gym\n"
+        "gym.make('vlmrl/GridWorld-v0').reset(seed=0)\n"
+        "try:\n"
+        "    gym.make('vlmrl/Reach-v0').reset(seed=0)\n"
+        "except RuntimeError as error:\n"
+        "    print(error)\n"
+    )
+    env = {**os.environ, "MUJOCO_GL": "disable"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "rendering is disabled" in result.stdout and "libegl1" in result.stdout
