@@ -218,9 +218,11 @@ def observations(count: int, size: int, seed: int = 0) -> list[dict]:
 
 def bench_generation(policy, spec, batches: list[int], args, weight_bytes: int, bandwidth: float | None) -> list:
     rows = []
-    policy.act(observations(1, args.image_size), spec)  # warm-up
     for batch in batches:
         obs = observations(batch, args.image_size, seed=batch)
+        # Warm-up at this batch size: the first call of a shape pays one-time costs (lazy imports, kernel
+        # selection), which on an H200 made batch 16 slower per step than batch 64.
+        policy.act(obs, spec)
         _sync(policy.device)
         start = time.perf_counter()
         completions = policy.act(obs, spec)
