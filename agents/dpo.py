@@ -110,9 +110,10 @@ class DPOConfig(RunConfig):
     """Rule that labels a round's pairs: the return (to go) or the success."""
     min_margin: float = 0.0
     """Smallest score difference that makes a round's pair (ties are always dropped)."""
-    round_pairs_per_state: Literal["all", "best-worst"] = "all"
+    round_pairs_per_state: Literal["all", "best-worst", "by-action"] = "all"
     """Step-level rounds: pair every two different answers at a state, or only its best over its worst (one
-    pair per state; with diverse answers, ``all`` grows quadratically in the group size)."""
+    pair per state; with diverse answers, ``all`` grows quadratically in the group size), or the answers of
+    its best action over those of its worst, each action scored over all its wordings (``by-action``)."""
     round_epochs: int = 1
     """Passes over a round's pairs."""
 

@@ -89,6 +89,7 @@ _READ = (
     "prompt_style",
     "prompt",
     "answer",
+    "action",
     "return_to_go",
     "episode_return",
     "success",
@@ -255,7 +256,7 @@ def step_pairs(
     label: str = "return",
     min_margin: float = 0.0,
     counts: PairCounts | None = None,
-    per_state: Literal["all", "best-worst"] = "all",
+    per_state: Literal["all", "best-worst", "by-action"] = "all",
 ) -> list[dict[str, Any]]:
     """IPR / Agent Q step-level pairs: at each state seen more than once, every two different answers whose
     mean ``label`` score there (return-to-go, or the episode's success) differs by at least ``min_margin``.
@@ -268,10 +269,20 @@ def step_pairs(
     ways gives ``K (K - 1) / 2`` pairs at a state answered ``K`` ways, mostly between near-equal answers.
     Among equally scored best (or worst) answers the first given is taken; the other candidate pairs are
     counted as ``not_extreme``.
+
+    ``per_state="by-action"`` scores the parsed action instead of the answer text: all the wordings of one
+    action at a state share one Monte Carlo value, the mean over every time that action was taken there.
+    A policy that words its thoughts many ways gives almost every answer text one sample, so the per-answer
+    mean is one noisy return-to-go; per action, the group's answers average out the randomness of what
+    followed. The answers of the best action are paired with those of the worst, one to one, as many pairs
+    as the smaller of the two has (each answer used once). Invalid answers (``action`` -1) keep their own
+    text as their key.
     """
-    if per_state not in ("all", "best-worst"):
-        raise ValueError(f"per_state must be 'all' or 'best-worst', got {per_state!r}.")
+    if per_state not in ("all", "best-worst", "by-action"):
+        raise ValueError(f"per_state must be 'all', 'best-worst' or 'by-action', got {per_state!r}.")
     counts = PairCounts() if counts is None else counts
+    if per_state == "by-action":
+        return _action_pairs(rows, label, min_margin, counts)
     states: dict[str, dict[str, list[dict]]] = {}
     for row in rows:
         states.setdefault(row["state"], {}).setdefault(row["answer"], []).append(row)
@@ -304,6 +315,39 @@ def step_pairs(
             pairs.append(
                 _pair(chosen, rejected, "step", label, max(one_score, other_score), min(one_score, other_score))
             )
+            counts.add("kept")
+    return pairs
+
+
+def _action_pairs(rows: list[dict], label: str, min_margin: float, counts: PairCounts) -> list[dict[str, Any]]:
+    """:func:`step_pairs` with ``per_state="by-action"``: best action's answers over the worst action's."""
+    states: dict[str, dict[Any, list[dict]]] = {}
+    for row in rows:
+        action = row.get("action")
+        key = ("action", int(action)) if action is not None and action >= 0 else ("answer", row["answer"])
+        states.setdefault(row["state"], {}).setdefault(key, []).append(row)
+    pairs = []
+    for actions in states.values():
+        scored = []
+        for given in actions.values():
+            values = [_score(row, label, "step") for row in given]
+            finite = [value for value in values if not math.isnan(value)]
+            if len(finite) < len(values):
+                counts.add("nan", len(values) - len(finite))
+            if finite:
+                scored.append((float(np.mean(finite)), given))
+        if len(scored) < 2:
+            continue
+        (best_score, best), (worst_score, worst) = max(scored, key=lambda e: e[0]), min(scored, key=lambda e: e[0])
+        if _better(best_score, worst_score, min_margin) <= 0:
+            counts.add("ties" if best_score == worst_score else "below_margin")
+            continue
+        counts.add("not_extreme", len(scored) * (len(scored) - 1) // 2 - 1)
+        for chosen, rejected in zip(best, worst):
+            if chosen["answer"] == rejected["answer"]:
+                counts.add("same_answer")
+                continue
+            pairs.append(_pair(chosen, rejected, "step", label, best_score, worst_score))
             counts.add("kept")
     return pairs
 
@@ -351,7 +395,7 @@ def build_pairs(
     label: str = "return",
     min_margin: float = 0.0,
     align: Literal["first", "aligned"] = "first",
-    per_state: Literal["all", "best-worst"] = "all",
+    per_state: Literal["all", "best-worst", "by-action"] = "all",
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Pairs from one or more stores (paths or loaded datasets) as a dataset with :data:`PAIR_FEATURES`,
     and the counts of kept and dropped candidates. Raises a ``ValueError`` that says why when no pair

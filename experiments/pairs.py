@@ -34,9 +34,11 @@ class PairsConfig:
     align: Literal["first", "aligned"] = "first"
     """Trajectory mode: pair the first step where the episodes answered differently at the same state, or
     every such step before their states part."""
-    per_state: Literal["all", "best-worst"] = "all"
+    per_state: Literal["all", "best-worst", "by-action"] = "all"
     """Step mode: every two different answers at a state, or only its best over its worst (one pair per
-    state: a policy that words its answers in many ways otherwise gives pairs quadratic in their number)."""
+    state: a policy that words its answers in many ways otherwise gives pairs quadratic in their number), or
+    the answers of its best action over those of its worst, each action's value the mean over all its
+    wordings (``by-action``)."""
 
 
 def main(config: PairsConfig) -> dict:

@@ -110,6 +110,30 @@ def test_step_pairs_rank_answers_at_the_same_state_by_mean_return_to_go(tmp_path
         build_pairs([store], mode="step", per_state="best")
 
 
+def test_by_action_pairs_score_each_action_over_all_its_wordings(tmp_path):
+    """Four wordings of "up" and of "down" at state 0; one lucky "down" wording alone beats every "up"
+    wording, but "up" is better on average: per answer the lucky one is chosen, per action it never is."""
+    names = envs.get_language(GRID).action_names
+
+    def answered(text: str, action: str, to_go: float) -> list[StepRecord]:
+        return [StepRecord(image(0), "state 0", text, names.index(action), to_go, True, False, action_name=action)]
+
+    given = [(f"thought {i}: up", "up", 0.5) for i in range(4)] + [("lucky: down", "down", 1.0)]
+    given += [(f"thought {i}: down", "down", 0.0) for i in range(3)] + [("oops", "left", 0.25)]
+    store = write_store(tmp_path / "s", [(seed, answered(*g), "p") for seed, g in enumerate(given)])
+    by_answer, _ = build_pairs([store], mode="step", per_state="best-worst")
+    assert answers(by_answer) == [("lucky: down", "thought 0: down")]
+    pairs, counts = build_pairs([store], mode="step", per_state="by-action")
+    # up (mean 0.5) over down (mean 0.25, its lucky wording included); left (0.25) is neither best nor worst
+    # (ties with down: the first seen is the worst).
+    assert answers(pairs) == [("thought 0: up", "lucky: down"), ("thought 1: up", "thought 0: down"),
+                              ("thought 2: up", "thought 1: down"), ("thought 3: up", "thought 2: down")]  # fmt: skip
+    assert pairs["chosen_score"] == [0.5] * 4 and pairs["rejected_score"] == [0.25] * 4
+    assert counts["kept"] == 4 and counts["not_extreme"] == 2
+    with pytest.raises(ValueError, match="below_margin"):
+        build_pairs([store], mode="step", per_state="by-action", min_margin=0.3)
+
+
 def test_nan_returns_never_become_labels(tmp_path):
     rows = []
     for number, (answer, value) in enumerate([("up", math.nan), ("down", 1.0), ("left", 0.0)]):
