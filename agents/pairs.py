@@ -251,6 +251,16 @@ def trajectory_pairs(
     return pairs
 
 
+def _mean_score(given: list[dict], label: str, counts: PairCounts) -> float:
+    """The Monte Carlo value of rows that gave one answer (or move) at one state: their mean step score,
+    NaN scores counted and left out (NaN if none is left)."""
+    values = [_score(row, label, "step") for row in given]
+    finite = [value for value in values if not math.isnan(value)]
+    if len(finite) < len(values):
+        counts.add("nan", len(values) - len(finite))
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def step_pairs(
     rows: list[dict],
     label: str = "return",
@@ -290,13 +300,7 @@ def step_pairs(
     for answers in states.values():
         if len(answers) < 2:
             continue
-        scored = []
-        for given in answers.values():
-            values = [_score(row, label, "step") for row in given]
-            finite = [value for value in values if not math.isnan(value)]
-            if len(finite) < len(values):
-                counts.add("nan", len(values) - len(finite))
-            scored.append((float(np.mean(finite)) if finite else math.nan, given[0]))
+        scored = [(_mean_score(given, label, counts), given[0]) for given in answers.values()]
         candidates = list(itertools.combinations(scored, 2))
         if per_state == "best-worst":
             ranked = [entry for entry in scored if not math.isnan(entry[0])]
@@ -328,14 +332,8 @@ def _action_pairs(rows: list[dict], label: str, min_margin: float, counts: PairC
         states.setdefault(row["state"], {}).setdefault(key, []).append(row)
     pairs = []
     for actions in states.values():
-        scored = []
-        for given in actions.values():
-            values = [_score(row, label, "step") for row in given]
-            finite = [value for value in values if not math.isnan(value)]
-            if len(finite) < len(values):
-                counts.add("nan", len(values) - len(finite))
-            if finite:
-                scored.append((float(np.mean(finite)), given))
+        scored = [(_mean_score(given, label, counts), given) for given in actions.values()]
+        scored = [entry for entry in scored if not math.isnan(entry[0])]
         if len(scored) < 2:
             continue
         (best_score, best), (worst_score, worst) = max(scored, key=lambda e: e[0]), min(scored, key=lambda e: e[0])
