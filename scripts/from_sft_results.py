@@ -65,7 +65,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     if expert is not None:
         print(
-            f"| scripted expert (basic strategy) | | | | | {expert['success_rate']:.3f} | {expert['mean_return']:.3f} | 1 |"
+            f"| scripted expert | | | | | {expert['success_rate']:.3f} | {expert['mean_return']:.3f} | 1 |"
         )
     print(
         f"| SFT checkpoint | | 0 | | | {sft['success_rate']:.3f} | {sft['mean_return']:.3f} "
