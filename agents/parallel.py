@@ -130,7 +130,7 @@ class DataParallel:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-        check_distributed_type()
+        # The accelerate config was checked by Run (check_distributed_type), with one process or several.
         self.accelerator = Accelerator(
             cpu=cpu,
             kwargs_handlers=[

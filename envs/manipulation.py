@@ -38,8 +38,10 @@ def default_gl_backend(find_library=ctypes.util.find_library) -> str:
     return "disable"
 
 
-# The backend is chosen when mujoco is imported; a user who exported MUJOCO_GL keeps their choice.
-os.environ.setdefault("MUJOCO_GL", default_gl_backend())
+# The backend is chosen when mujoco is imported; a user who exported MUJOCO_GL keeps their choice (and is
+# spared the library search, which runs ldconfig).
+if "MUJOCO_GL" not in os.environ:
+    os.environ["MUJOCO_GL"] = default_gl_backend()
 
 from typing import Any, ClassVar  # noqa: E402
 
