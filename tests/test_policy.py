@@ -50,6 +50,17 @@ def test_every_family_has_a_preset():
     }
 
 
+def test_the_small_preset_sees_the_full_128_px_frame_and_acts(make_observations):
+    # tiny resizes a 128 px frame to 64 px (16 image tokens); small keeps it (8 x 8 patches of 16 px).
+    small = fresh("small", constrained=True, max_new_tokens=CONSTRAINED_TOKENS)
+    tiny = fresh("tiny")
+    assert small.processor.image_processor.crop_size == {"height": 128, "width": 128}
+    assert small.model.config.image_seq_length == 64 == 4 * tiny.model.config.image_seq_length
+    assert sum(p.numel() for p in small.model.parameters()) > 4 * sum(p.numel() for p in tiny.model.parameters())
+    completions = act(small, make_observations(STEP_TEXTS[:2], size=128), BLACKJACK, seed=0)
+    assert [c.action in (0, 1) for c in completions] == [True, True]  # constrained: always a legal move
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
