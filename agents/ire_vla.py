@@ -15,6 +15,10 @@ action head on the last prompt token's hidden state, a value head)::
                 (the newest ``max_online_steps`` steps: old data does not swamp new); each batch draws
                 ``online_fraction`` of its rows from the successes. Trains backbone and action head.
 
+The baseline the paper compares with, PPO on the whole model from the same stage-0 policy, is the same loop
+with ``--stage1-train-backbone --no-stage2``: stage 1 then runs the backbone forward and backward on each
+minibatch's observations again, and no supervised round follows.
+
 Read top to bottom: the config, the data (expert store -> :class:`Demo` rows), the losses (behaviour
 cloning; PPO on cached features, from ``agents/losses.py``), the three stages, and ``train``. Each stage
 starts a fresh AdamW (moments are not carried from one stage's objective into another's) and trains at a
@@ -40,6 +44,7 @@ import torch
 from agents.errors import ConfigError
 from agents.losses import approx_kl, clip_fraction, clipped_surrogate, value_loss
 from agents.optim import GuardedStep, LossTotals
+from agents.policy import split_observations
 from agents.rollout import EnvRunner, episode_metrics
 from agents.run import Run, RunConfig, check_rewards
 from agents.storage import compute_gae
@@ -95,6 +100,10 @@ class IReVLAConfig(RunConfig):
     """Stage 2 AdamW learning rate."""
     stage2_train_backbone: bool = True
     """Stage 2 trains the backbone (LoRA adapters or full weights) besides the action head."""
+    stage2: bool = True
+    """Run stage 2 after every stage 1. ``--no-stage2 --stage1-train-backbone`` is the baseline iRe-VLA is
+    measured against: PPO on the whole model (LoRA or full weights, and both heads) from the same stage-0
+    policy, for the same env steps, with no supervised rounds."""
     online_fraction: float = 0.5
     """Stage 2: share of each batch drawn from the stage-1 successes (the rest from the expert data); while
     there are none, every row is expert data."""
@@ -111,6 +120,11 @@ class IReVLAConfig(RunConfig):
     num_steps (rounded down)."""
     stage1_learning_rate: float = 3e-4
     """Stage 1 AdamW learning rate of the action head and the value head."""
+    stage1_train_backbone: bool = False
+    """Stage 1 trains the backbone (LoRA adapters or full weights) too, not iRe-VLA's frozen one: every PPO
+    minibatch then runs the backbone forward and backward on its observations again, as text PPO does."""
+    stage1_backbone_learning_rate: float | None = None
+    """Stage 1 AdamW learning rate of the backbone, with ``--stage1-train-backbone`` (default: the heads')."""
     num_steps: int = 16
     """Stage 1 rollout length per env per update (batch = num_envs * num_steps)."""
     gamma: float = 0.95
@@ -118,7 +132,7 @@ class IReVLAConfig(RunConfig):
     gae_lambda: float = 0.95
     """Stage 1 GAE lambda."""
     update_epochs: int = 4
-    """Stage 1 passes over each batch (cheap: the heads run on stored features)."""
+    """Stage 1 passes over each batch (cheap with a frozen backbone: the heads run on stored features)."""
     minibatch_size: int = 32
     """Stage 1 samples per optimizer step."""
     clip_coef: float = 0.2
@@ -171,9 +185,10 @@ class IReVLAConfig(RunConfig):
         budgets = {
             "stage0_steps": "behaviour-cloning steps of stage 0",
             "stage1_env_steps": "env steps of stage 1 per round",
-            "stage2_steps": "supervised steps of stage 2 per round",
             "rounds": "rounds of stages 1 and 2",
         }
+        if self.stage2:
+            budgets["stage2_steps"] = "supervised steps of stage 2 per round (or --no-stage2 to leave stage 2 out)"
         for name, meaning in budgets.items():
             if getattr(self, name) < 1:
                 raise ConfigError(
@@ -203,6 +218,16 @@ class IReVLAConfig(RunConfig):
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.stage1_backbone_learning_rate is not None:
+            if not self.stage1_train_backbone:
+                raise ConfigError(
+                    "stage1_backbone_learning_rate is set but stage 1 keeps the backbone frozen: add "
+                    "--stage1-train-backbone, or drop --stage1-backbone-learning-rate."
+                )
+            if self.stage1_backbone_learning_rate <= 0:
+                raise ConfigError(
+                    f"stage1_backbone_learning_rate must be > 0, got {self.stage1_backbone_learning_rate}."
+                )
         if not 0 <= self.online_fraction <= 1:
             raise ConfigError(f"online_fraction must be in [0, 1], got {self.online_fraction}.")
         if self.max_online_steps < 1 or self.update_epochs < 1 or self.max_nonfinite_steps < 1:
@@ -332,14 +357,26 @@ class HeadRollout:
     values: torch.Tensor  # (N,)
     advantages: torch.Tensor  # (N,)
     returns: torch.Tensor  # (N,)
+    observations: list[dict] | None = None
+    """The observations, kept only when stage 1 trains the backbone (its features are then recomputed)."""
 
 
 def ppo_head_losses(
-    policy: VLAPolicy, batch: HeadRollout, rows: np.ndarray, advantages: torch.Tensor, config: IReVLAConfig
+    policy: VLAPolicy,
+    batch: HeadRollout,
+    rows: np.ndarray,
+    advantages: torch.Tensor,
+    config: IReVLAConfig,
+    spec=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate, clipped value loss and entropy bonus on stored features: only the heads run."""
+    """PPO's clipped surrogate, clipped value loss and entropy bonus. On stored features only the heads run;
+    when the batch kept its observations (a backbone that trains), the backbone reads them again, with
+    gradients."""
     device = policy.device
-    features = batch.features[rows].to(device)
+    if batch.observations is not None:
+        features = policy.features([batch.observations[i] for i in rows], spec)
+    else:
+        features = batch.features[rows].to(device)
     logprob, entropy = policy.head.log_prob(features, batch.raw[rows].to(device))
     value = policy.value_head(features)
     old_logprob = batch.logprobs[rows].to(device)
@@ -430,7 +467,7 @@ def collect_head_rollout(
     on termination), the episodes that ended and the reward terms' means."""
     spec = runner.spec
     steps, envs = config.num_steps, runner.num_envs
-    features, raws = [], []
+    features, raws, observations = [], [], []
     logprobs, values = np.zeros((steps, envs)), np.zeros((steps, envs))
     rewards, next_values = np.zeros((steps, envs)), np.zeros((steps, envs))
     terminated, truncated = np.zeros((steps, envs), dtype=bool), np.zeros((steps, envs), dtype=bool)
@@ -441,6 +478,9 @@ def collect_head_rollout(
         step = runner.step(policy)
         features.append(torch.stack([c.features for c in step.completions]))
         raws.append(torch.stack([c.raw for c in step.completions]))
+        if config.stage1_train_backbone:
+            images, texts = split_observations(step.observations)
+            observations.extend({"image": image, "text": text} for image, text in zip(images, texts, strict=True))
         logprobs[t] = [c.logprob for c in step.completions]
         values[t] = [c.value for c in step.completions]
         scored = reward_set(
@@ -474,14 +514,21 @@ def collect_head_rollout(
         values=flat(values),
         advantages=flat(advantages),
         returns=flat(returns),
+        observations=observations if config.stage1_train_backbone else None,
     )
     return batch, finished, terms
 
 
 def ppo_head_update(
-    policy: VLAPolicy, batch: HeadRollout, config: IReVLAConfig, generator: np.random.Generator, guarded: GuardedStep
+    policy: VLAPolicy,
+    batch: HeadRollout,
+    config: IReVLAConfig,
+    generator: np.random.Generator,
+    guarded: GuardedStep,
+    spec=None,
 ) -> dict[str, float]:
-    """``update_epochs`` passes of clipped PPO over shuffled minibatches of stored features."""
+    """``update_epochs`` passes of clipped PPO over shuffled minibatches (of stored features, or of the
+    observations when the backbone trains)."""
     totals = LossTotals()
     indices = np.arange(len(batch.logprobs))
     for _epoch in range(config.update_epochs):
@@ -492,7 +539,7 @@ def ppo_head_update(
             if len(rows) > 1:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
             totals.add(
-                guarded.step([rows], lambda micro, a=advantages: ppo_head_losses(policy, batch, micro, a, config))
+                guarded.step([rows], lambda micro, a=advantages: ppo_head_losses(policy, batch, micro, a, config, spec))
             )
     metrics = totals.metrics()
     returns, values = batch.returns.numpy(), batch.values.numpy()
@@ -507,16 +554,21 @@ def rl_stage(
     policy: VLAPolicy, runner: EnvRunner, reward_set, config: IReVLAConfig, run: Run, round_index: int
 ) -> list[dict[str, float]]:
     """Stage 1: ``stage1_updates`` PPO updates of the action head and the value head, the backbone frozen
-    (its features are taken under no_grad by ``act``, and its parameters are excluded from the optimizer).
-    Logs each update; returns the episodes that ended."""
-    trainable = set_trainable(policy, backbone=False, action_head=True, value_head=True)
-    optimizer = make_adamw(trainable, config.stage1_learning_rate)
+    (its features are taken under no_grad by ``act``, and its parameters are excluded from the optimizer);
+    with ``stage1_train_backbone``, of the backbone too. Logs each update; returns the episodes that ended."""
+    trainable = set_trainable(policy, backbone=config.stage1_train_backbone, action_head=True, value_head=True)
+    backbone_ids = {id(p) for p in policy.backbone_parameters}
+    groups = [{"params": [p for p in trainable if id(p) not in backbone_ids], "lr": config.stage1_learning_rate}]
+    if config.stage1_train_backbone:
+        backbone_rate = config.stage1_backbone_learning_rate or config.stage1_learning_rate
+        groups.append({"params": [p for p in trainable if id(p) in backbone_ids], "lr": backbone_rate})
+    optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
     guarded = GuardedStep(optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps)
     finished_all = []
     for _ in range(config.stage1_updates):
         start = time.perf_counter()
         batch, finished, terms = collect_head_rollout(policy, runner, reward_set, config)
-        metrics = ppo_head_update(policy, batch, config, run.generator, guarded)
+        metrics = ppo_head_update(policy, batch, config, run.generator, guarded, runner.spec)
         metrics.update(
             {
                 "ire/round": float(round_index),
@@ -598,9 +650,14 @@ def train(config: IReVLAConfig, defaults: IReVLAConfig | None = None) -> Path:
             else:
                 finished = rl_stage(policy, runner, reward_set, config, run, unit)
                 evaluation = stage_evaluation(run, policy, config, 1)
+                runner.recorder.writer.flush()
+                if not config.stage2:  # the whole-model PPO baseline: rounds of stage 1 only
+                    metrics = {"ire/round": float(unit), "ire/stage": 1.0, **evaluation}
+                    metrics["ire/unit_seconds"] = time.perf_counter() - start
+                    run.end_update(unit, metrics, runner.steps, policy, finished=finished, runner=runner)
+                    continue
                 if evaluation:
                     run.logger.log({"ire/round": float(unit), "ire/stage": 1.0, **evaluation}, runner.steps)
-                runner.recorder.writer.flush()
                 online = load_online_demos(run.run_dir, head, config.max_online_steps)
                 if not online:
                     warnings.warn(

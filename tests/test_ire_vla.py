@@ -177,6 +177,31 @@ def test_stage1_trains_only_the_heads_and_stage2_the_lora_and_action_head(reach_
     assert all(changed(head, policy.head)) and not any(changed(value, policy.value_head))
 
 
+def test_the_whole_model_ppo_baseline_trains_lora_and_heads_in_stage1_and_has_no_stage2(tmp_path, reach_store):
+    from agents.checkpoint import POLICY_DIR
+
+    config = ire_config(
+        tmp_path, reach_store, rounds=1, stage1_train_backbone=True, stage1_backbone_learning_rate=1e-3, stage2=False,
+        stage2_steps=0,  # no stage 2, so no stage-2 budget is asked for
+    )  # fmt: skip
+    run_dir = train(config)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert {r["ire/stage"] for r in rows if "ire/stage" in r} == {0.0, 1.0}
+    stage0 = load_policy(str(run_dir / "checkpoints" / "update-000001" / POLICY_DIR))  # unit 0 done
+    final = load_policy(str(run_dir))
+    parts = {
+        "lora": lambda p: [x for n, x in p.backbone.model.named_parameters() if "lora_" in n],
+        "action head": lambda p: list(p.head.parameters()),
+        "value head": lambda p: list(p.value_head.parameters()),
+    }
+    for name, part in parts.items():
+        assert all(changed(snapshot(part(stage0)), part(final))), f"stage 1 left a {name} weight unchanged"
+    frozen = [x for n, x in final.backbone.model.named_parameters() if "lora_" not in n]
+    assert not any(
+        changed(snapshot([x for n, x in stage0.backbone.model.named_parameters() if "lora_" not in n]), frozen)
+    )
+
+
 # --- the loop: resume, eval, no successes ---------------------------------------------------------------------
 
 
@@ -247,6 +272,8 @@ def test_bad_input_says_what_to_change(tmp_path, reach_store, colour_store):
         ire_config(tmp_path, reach_store, stage2_steps=0)
     with pytest.raises(ConfigError, match="stage1_env_steps=0"):
         ire_config(tmp_path, reach_store, stage1_env_steps=0)
+    with pytest.raises(ConfigError, match="stage1_backbone_learning_rate is set.*--stage1-train-backbone"):
+        ire_config(tmp_path, reach_store, stage1_backbone_learning_rate=1e-4)
     with pytest.raises(ConfigError, match=r"holds steps of \['vlmrl/Colour-v0'\]"):
         train(ire_config(tmp_path / "other-env", colour_store))
 
