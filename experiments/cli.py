@@ -21,6 +21,7 @@ with one line, "vlmrl: error: ...", that says what to change, and exit status 2.
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from experiments.common import ALGORITHMS, EXPERIMENTS, experiment_config  # noqa: F401 - re-exported
@@ -81,8 +82,18 @@ def main(argv: list[str] | None = None) -> None:
         # Problems with what was asked for (our own checks raise these): one line, no traceback, exit 2.
         # Bugs (any other exception) still trace.
         message = error.args[0] if error.args else str(error)
-        print(f"vlmrl: error: {message}", file=sys.stderr)
+        print(f"vlmrl: error: {as_flags(message)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# A config check names the field it refuses as ``name=value`` (it serves Python callers too); on the command
+# line the user typed ``--name value``, so that is what the message should say.
+_FIELD_EQUALS = re.compile(r"(?<![\w.\-])([a-z][a-z0-9]*(?:_[a-z0-9]+)+)=(?=\S)")
+
+
+def as_flags(message: str) -> str:
+    """``"batch_size=16 is not a multiple of micro_batch_size=3"`` -> ``"--batch-size 16 ... --micro-batch-size 3"``."""
+    return _FIELD_EQUALS.sub(lambda match: "--" + match.group(1).replace("_", "-") + " ", message)
 
 
 def dispatch(command: str, argv: list[str]) -> None:

@@ -328,6 +328,11 @@ def test_learning_rate_metric_is_the_rate_the_optimizer_used(tmp_path, monkeypat
         (["train", "--env-id", "vlmrl-test/Nope-v0"], "Unknown env_id"),
         (["train", "--env-id", "x/Y-v0", "--env-module", "no_such_module_here"], "Cannot import env_module"),
         (["train", "gridworld", "--algo", "sac"], "unknown algorithm 'sac'"),
+        # a config check's "group_size=1" reads as the flag the user typed
+        (
+            ["train", "gridworld", "--algo", "grpo", "--group-size", "1"],
+            r"^vlmrl: error: --group-size 1: a group needs",
+        ),
         (["eval", "/nonexistent/run"], "no such run"),
     ],
 )
