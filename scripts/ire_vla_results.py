@@ -62,17 +62,12 @@ def main() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+    from seed_plots import draw_seeds, save
 
     figure, axes = plt.subplots(figsize=(6.4, 4.0))
     for colour, (name, *run_dirs) in zip(("tab:blue", "tab:orange", "tab:green", "tab:red"), args.method):
-        curves = [stage_points(Path(d)) for d in run_dirs]
-        for curve in curves:
-            axes.plot([p[1] for p in curve], [p[2] for p in curve], color=colour, alpha=0.3, linewidth=1)
-        length = min(len(c) for c in curves)
-        steps = [curves[0][i][1] for i in range(length)]
-        mean = np.mean([[c[i][2] for i in range(length)] for c in curves], axis=0)
-        axes.plot(steps, mean, color=colour, linewidth=2.2, marker="o", markersize=3, label=f"{name} ({len(curves)} seeds)")
+        curves = [[(steps, success) for _, steps, success in stage_points(Path(d))] for d in run_dirs]
+        draw_seeds(axes, curves, colour, name)
     axes.set_xlabel("env steps (stage 1)")
     axes.set_ylabel("greedy success (held-out seeds)")
     axes.set_ylim(-0.02, 1.02)
@@ -80,10 +75,7 @@ def main() -> None:
     axes.legend()
     if args.title:
         axes.set_title(args.title)
-    figure.tight_layout()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=120)
-    print(f"figure: {args.out}")
+    save(figure, args.out)
 
 
 if __name__ == "__main__":

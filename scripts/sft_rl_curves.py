@@ -86,7 +86,7 @@ def main() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+    from seed_plots import draw_seeds, save
 
     figure, panels = plt.subplots(1, 2, figsize=(10, 3.8))
     for panel, key, label in (
@@ -94,12 +94,7 @@ def main() -> None:
         (panels[1], "thought_accuracy", "thought accuracy (greedy)"),
     ):
         for colour, (name, runs) in zip(("tab:blue", "tab:orange", "tab:green", "tab:red"), curves.items()):
-            for points in runs:
-                panel.plot([s for s, _ in points], [r[key] for _, r in points], color=colour, alpha=0.3, lw=1)
-            length = min(len(points) for points in runs)
-            steps = [runs[0][i][0] for i in range(length)]
-            mean = np.mean([[points[i][1][key] for i in range(length)] for points in runs], axis=0)
-            panel.plot(steps, mean, color=colour, lw=2.2, marker="o", ms=3, label=f"{name} ({len(runs)} seeds)")
+            draw_seeds(panel, [[(steps, result[key]) for steps, result in points] for points in runs], colour, name)
         panel.axhline(sft[key], color="grey", ls=":", label="SFT checkpoint")
         if key == "success_rate" and expert is not None:
             panel.axhline(expert, color="black", ls="--", lw=1, label="scripted expert")
@@ -109,10 +104,7 @@ def main() -> None:
     panels[0].legend(fontsize=8)
     if args.title:
         figure.suptitle(args.title)
-    figure.tight_layout()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=120)
-    print(f"figure: {args.out}")
+    save(figure, args.out)
 
 
 if __name__ == "__main__":
