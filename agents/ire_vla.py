@@ -188,7 +188,7 @@ class IReVLAConfig(RunConfig):
             "rounds": "rounds of stages 1 and 2",
         }
         if self.stage2:
-            budgets["stage2_steps"] = "supervised steps of stage 2 per round (or --no-stage2 to leave stage 2 out)"
+            budgets["stage2_steps"] = "supervised steps of stage 2 per round; --no-stage2 leaves stage 2 out"
         for name, meaning in budgets.items():
             if getattr(self, name) < 1:
                 raise ConfigError(
