@@ -367,7 +367,7 @@ def ppo_head_losses(
     rows: np.ndarray,
     advantages: torch.Tensor,
     config: IReVLAConfig,
-    spec=None,
+    spec,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, clipped value loss and entropy bonus. On stored features only the heads run;
     when the batch kept its observations (a backbone that trains), the backbone reads them again, with
@@ -410,7 +410,8 @@ def set_trainable(policy: VLAPolicy, backbone: bool, action_head: bool, value_he
     return [p for p in policy.parameters() if p.requires_grad]
 
 
-def make_adamw(parameters: list[torch.nn.Parameter], learning_rate: float) -> torch.optim.AdamW:
+def make_adamw(parameters: list[torch.nn.Parameter] | list[dict], learning_rate: float) -> torch.optim.AdamW:
+    """AdamW over ``parameters`` (or parameter groups, whose own ``lr`` wins over ``learning_rate``)."""
     return torch.optim.AdamW(parameters, lr=learning_rate, eps=1e-5, weight_decay=0.0)
 
 
@@ -525,7 +526,7 @@ def ppo_head_update(
     config: IReVLAConfig,
     generator: np.random.Generator,
     guarded: GuardedStep,
-    spec=None,
+    spec,
 ) -> dict[str, float]:
     """``update_epochs`` passes of clipped PPO over shuffled minibatches (of stored features, or of the
     observations when the backbone trains)."""
@@ -562,7 +563,7 @@ def rl_stage(
     if config.stage1_train_backbone:
         backbone_rate = config.stage1_backbone_learning_rate or config.stage1_learning_rate
         groups.append({"params": [p for p in trainable if id(p) in backbone_ids], "lr": backbone_rate})
-    optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
+    optimizer = make_adamw(groups, config.stage1_learning_rate)
     guarded = GuardedStep(optimizer, trainable, config.max_grad_norm, config.max_nonfinite_steps)
     finished_all = []
     for _ in range(config.stage1_updates):
@@ -581,6 +582,43 @@ def rl_stage(
         run.logger.log(metrics, runner.steps)
         finished_all.extend(finished)
     return finished_all
+
+
+def stage2_round(
+    policy: VLAPolicy,
+    spec,
+    expert: list[Demo],
+    head: HeadConfig,
+    config: IReVLAConfig,
+    run: Run,
+    runner: EnvRunner,
+    round_index: int,
+) -> dict[str, float]:
+    """Stage 2 of a round: supervised learning on the expert data plus every stage-1 success stored so far
+    (expert data alone, with a warning, while there is none); returns the round's stage-2 metrics."""
+    online = load_online_demos(run.run_dir, head, config.max_online_steps)
+    if not online:
+        warnings.warn(
+            f"Round {round_index}, stage 2: no successful episode in stage 1 so far, so there is nothing of the "
+            "policy's own to learn from; stage 2 trains on the expert data alone.",
+            stacklevel=3,
+        )
+    metrics = supervised_stage(
+        policy, spec, expert, online, steps=config.stage2_steps, learning_rate=config.stage2_learning_rate,
+        train_backbone=config.stage2_train_backbone, online_fraction=config.online_fraction, config=config,
+        generator=run.generator,
+    )  # fmt: skip
+    metrics.update(
+        {
+            "ire/round": float(round_index),
+            "ire/stage": 2.0,
+            "ire/online_steps": float(len(online)),
+            "ire/stored_success_episodes": float(runner.recorder.episodes_written),
+            "ire/expert_only": float(not online),
+            **stage_evaluation(run, policy, config, 2),
+        }
+    )
+    return metrics
 
 
 def stage_evaluation(run: Run, policy: VLAPolicy, config: IReVLAConfig, stage: int) -> dict[str, float]:
@@ -651,35 +689,12 @@ def train(config: IReVLAConfig, defaults: IReVLAConfig | None = None) -> Path:
                 finished = rl_stage(policy, runner, reward_set, config, run, unit)
                 evaluation = stage_evaluation(run, policy, config, 1)
                 runner.recorder.writer.flush()
-                if not config.stage2:  # the whole-model PPO baseline: rounds of stage 1 only
+                if config.stage2:
+                    if evaluation:
+                        run.logger.log({"ire/round": float(unit), "ire/stage": 1.0, **evaluation}, runner.steps)
+                    metrics = stage2_round(policy, spec, expert, head, config, run, runner, unit)
+                else:  # the whole-model PPO baseline: rounds of stage 1 only
                     metrics = {"ire/round": float(unit), "ire/stage": 1.0, **evaluation}
-                    metrics["ire/unit_seconds"] = time.perf_counter() - start
-                    run.end_update(unit, metrics, runner.steps, policy, finished=finished, runner=runner)
-                    continue
-                if evaluation:
-                    run.logger.log({"ire/round": float(unit), "ire/stage": 1.0, **evaluation}, runner.steps)
-                online = load_online_demos(run.run_dir, head, config.max_online_steps)
-                if not online:
-                    warnings.warn(
-                        f"Round {unit}, stage 2: no successful episode in stage 1 so far, so there is nothing of the "
-                        "policy's own to learn from; stage 2 trains on the expert data alone.",
-                        stacklevel=2,
-                    )
-                metrics = supervised_stage(
-                    policy, spec, expert, online, steps=config.stage2_steps, learning_rate=config.stage2_learning_rate,
-                    train_backbone=config.stage2_train_backbone, online_fraction=config.online_fraction,
-                    config=config, generator=run.generator,
-                )  # fmt: skip
-                metrics.update(
-                    {
-                        "ire/round": float(unit),
-                        "ire/stage": 2.0,
-                        "ire/online_steps": float(len(online)),
-                        "ire/stored_success_episodes": float(runner.recorder.episodes_written),
-                        "ire/expert_only": float(not online),
-                        **stage_evaluation(run, policy, config, 2),
-                    }
-                )
             metrics["ire/unit_seconds"] = time.perf_counter() - start
             run.end_update(unit, metrics, runner.steps, policy, finished=finished, runner=runner)
         return run.finish(policy, runner)
