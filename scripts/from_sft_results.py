@@ -31,6 +31,18 @@ def evaluation(path: Path) -> dict | None:
     return result if "success_rate" in result else None
 
 
+def expert_summary(store: str) -> dict:
+    """Episodes, success rate and mean return of a scripted expert's trajectory store (its first steps)."""
+    from agents.trajectories import load_trajectories
+
+    first_steps = load_trajectories(store).filter(lambda row: row["step"] == 0)
+    return {
+        "episodes": len(first_steps),
+        "success_rate": sum(first_steps["success"]) / len(first_steps),
+        "mean_return": sum(first_steps["episode_return"]) / len(first_steps),
+    }
+
+
 def metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     return [json.loads(line) for line in path.open()] if path.exists() else []
@@ -47,16 +59,7 @@ def main() -> None:
     sft = evaluation(evals / "sft.json")
     if sft is None:
         raise SystemExit(f"No evaluation of the SFT checkpoint in {evals / 'sft.json'}.")
-    expert = None
-    if args.expert:
-        from agents.trajectories import load_trajectories
-
-        first_steps = load_trajectories(args.expert).filter(lambda row: row["step"] == 0)
-        expert = {
-            "episodes": len(first_steps),
-            "success_rate": sum(first_steps["success"]) / len(first_steps),
-            "mean_return": sum(first_steps["episode_return"]) / len(first_steps),
-        }
+    expert = expert_summary(args.expert) if args.expert else None
 
     print(
         "| method | seed | env steps | pairs (held out) | held-out pair accuracy | greedy success | mean return "
@@ -64,9 +67,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     if expert is not None:
-        print(
-            f"| scripted expert | | | | | {expert['success_rate']:.3f} | {expert['mean_return']:.3f} | 1 |"
-        )
+        print(f"| scripted expert | | | | | {expert['success_rate']:.3f} | {expert['mean_return']:.3f} | 1 |")
     print(
         f"| SFT checkpoint | | 0 | | | {sft['success_rate']:.3f} | {sft['mean_return']:.3f} "
         f"| {sft['thought_accuracy']:.3f} |"

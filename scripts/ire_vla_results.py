@@ -12,15 +12,15 @@ thin line per seed and the mean over seeds bold, one colour per method.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from agents.tracking import read_metrics
 
 
 def stage_points(run_dir: Path) -> list[tuple[int, int, float]]:
     """(stage, env steps, success) after each evaluated stage, in order."""
     points = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(run_dir / "metrics.jsonl"):
         for stage in (0, 1, 2):
             key = f"ire/stage{stage}_success_rate"
             if key in row:

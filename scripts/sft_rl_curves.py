@@ -18,15 +18,16 @@ import json
 import re
 from pathlib import Path
 
+# scripts/ is on the path when this runs as `python scripts/sft_rl_curves.py`
+from from_sft_results import evaluation as read_evaluation
+from from_sft_results import expert_summary
+
 
 def evaluation(path: Path) -> dict:
-    text = path.read_text()
-    try:
-        result = json.loads(text[text.find("{") : text.rfind("}") + 1])
-    except json.JSONDecodeError:
-        raise SystemExit(f"{path}: no JSON object of `vlmrl eval` in it") from None
-    if "success_rate" not in result:
-        raise SystemExit(f"{path}: not an evaluation (no success_rate)")
+    """``vlmrl eval``'s JSON in ``path``; stops with a message when there is none."""
+    result = read_evaluation(path)
+    if result is None:
+        raise SystemExit(f"{path}: no `vlmrl eval` result (a JSON object with success_rate) in it")
     return result
 
 
@@ -55,12 +56,7 @@ def main() -> None:
     parser.add_argument("--out", default="", help="PNG to draw (none if empty)")
     args = parser.parse_args()
     sft = evaluation(Path(args.sft))
-    expert = None
-    if args.expert:
-        from agents.trajectories import load_trajectories
-
-        first = load_trajectories(args.expert).filter(lambda row: row["step"] == 0)
-        expert = sum(first["success"]) / len(first)
+    expert = expert_summary(args.expert)["success_rate"] if args.expert else None
 
     print("| method | run | env steps | greedy success | mean return | thought accuracy |")
     print("|---|---|---|---|---|---|")
