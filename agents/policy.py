@@ -25,6 +25,7 @@ token 1: the whole answer is what the environment's response is about, so it is 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -821,9 +822,17 @@ def load_text_policy(name_or_path: str = "tiny", **options: Any) -> VLMPolicy:
             model.enable_input_require_grads()
     policy = VLMPolicy(model, processor, family, config)
     if saved is not None and (Path(name_or_path) / VALUE_HEAD_FILE).exists():
-        from safetensors.torch import load_file
+        saved_sizes = tuple(saved.get("value_hidden_sizes", config.value_hidden_sizes))
+        if saved_sizes == tuple(config.value_hidden_sizes):
+            from safetensors.torch import load_file
 
-        policy.value_head.load_state_dict(load_file(str(Path(name_or_path) / VALUE_HEAD_FILE)))
+            policy.value_head.load_state_dict(load_file(str(Path(name_or_path) / VALUE_HEAD_FILE)))
+        else:  # another head was asked for: the saved one cannot hold it, so it starts fresh
+            warnings.warn(
+                f"value_hidden_sizes={tuple(config.value_hidden_sizes)} differs from the saved head's "
+                f"{saved_sizes} in {name_or_path}: the value head starts fresh.",
+                stacklevel=2,
+            )
     disable_dropout(policy.model)  # act and evaluate must see the same function, in either mode
     policy.model.eval()
     return policy.to(device)

@@ -123,6 +123,14 @@ class RewardModel:
             dtype=config.dtype,
             device=config.device,
         )
+        # A policy directory (an SFT run, as InstructGPT starts its reward model from the SFT model) brings
+        # its value head along; a reward model's head is a new one, whatever the backbone held.
+        from agents.models import seeded
+        from agents.policy import ValueHead
+
+        with seeded(config.init_seed):
+            head = ValueHead(policy.value_head.net[0].in_features, config.head_hidden_sizes)
+        policy.value_head = head.to(policy.device)
         return cls(policy, config)
 
     @classmethod

@@ -211,3 +211,25 @@ def test_conversational_pairs_score_as_plain_text(pairs):
         plain = model.score([row["images"]], [row["prompt"]], [row["chosen"]])
         conversational = model.score([row["images"]], [prompt], [answer])
     torch.testing.assert_close(plain, conversational)
+
+
+def test_a_reward_model_starts_from_a_saved_policy_with_a_new_head(tmp_path):
+    # InstructGPT starts its reward model from the SFT model: a policy directory is a backbone, and its value
+    # head (here of other sizes, as PPO's default MLP is) gives way to the reward model's own head.
+    from agents.policy import load_policy
+
+    policy = load_policy("tiny", lora_rank=0, value_hidden_sizes=(16,), device="cpu", init_seed=3)
+    with torch.no_grad():  # a backbone unlike the preset's fresh one
+        policy.model.get_input_embeddings().weight.add_(0.5)
+    policy.save(tmp_path / "sft")
+    with pytest.warns(UserWarning, match=r"value_hidden_sizes=\(\) differs .* starts fresh"):
+        model = RewardModel.create(
+            RewardModelConfig(model=str(tmp_path / "sft"), lora_rank=0, device="cpu", prompt_style="action")
+        )
+    assert torch.equal(
+        model.policy.model.get_input_embeddings().weight, policy.model.get_input_embeddings().weight
+    )
+    fresh = RewardModel.create(tiny_config())
+    assert [tuple(p.shape) for p in model.policy.value_head.parameters()] == [
+        tuple(p.shape) for p in fresh.policy.value_head.parameters()
+    ]
