@@ -52,4 +52,15 @@ if ! MUJOCO_GL=${MUJOCO_GL:-egl} "$venv/bin/python" -c 'import mujoco; r = mujoc
     echo "       sudo apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1 (or libosmesa6 and MUJOCO_GL=osmesa)" >&2
     exit 1
 fi
+# The labelling page's browser test drives the system's Chromium (never playwright's own download). Best
+# effort: without it that one test skips, everything else works.
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing Chromium for the labelling page's browser test" >&2
+        { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } ||
+            echo "setup: Chromium did not install; tests/test_labelling.py's browser test will skip" >&2
+    else
+        echo "setup: no /usr/bin/chromium; the labelling page's browser test will skip (sudo apt-get install chromium)" >&2
+    fi
+fi
 echo "$wanted" > "$stamp"
