@@ -813,6 +813,9 @@ def load_text_policy(name_or_path: str = "tiny", **options: Any) -> VLMPolicy:
             with seeded(config.init_seed):
                 model = get_peft_model(model, lora)
     else:
+        if saved is not None and (Path(name_or_path) / "adapter").exists():
+            # Full fine-tuning from a LoRA-trained policy: fold its adapter into the weights, or it is lost.
+            model = PeftModel.from_pretrained(model, str(Path(name_or_path) / "adapter")).merge_and_unload()
         for name, parameter in model.named_parameters():
             in_vision = any(p in name for p in ("vision", "visual", "multi_modal_projector", "connector", "merger"))
             parameter.requires_grad_(config.train_vision_tower or not in_vision)

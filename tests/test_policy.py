@@ -193,6 +193,24 @@ def test_save_load_round_trip_full_fine_tuning(tmp_path, make_observations):
     assert_completions_equal(before, act(restored, observations, BLACKJACK))
 
 
+def test_a_lora_policy_loaded_for_full_fine_tuning_keeps_its_adapter_merged(tmp_path, make_observations):
+    # lora_rank=0 over a LoRA-trained directory (a reward model or PPO from a LoRA SFT run) must start from
+    # what that run learned: the adapter folded into the weights, not dropped.
+    original = fresh("tiny", max_new_tokens=UNCONSTRAINED_TOKENS, init_seed=3)
+    perturb(original, scale=0.2)
+    observations = make_observations(STEP_TEXTS)
+    before = act(original, observations, BLACKJACK, seed=7)
+    original.save(tmp_path / "policy")
+    merged = VLMPolicy.load(tmp_path / "policy", lora_rank=0)
+    assert not any("lora_" in name for name, _ in merged.model.named_parameters())
+    after = act(merged, observations, BLACKJACK, seed=7)
+    assert [c.text for c in after] == [c.text for c in before]
+    assert [c.logprob for c in after] == pytest.approx([c.logprob for c in before], abs=1e-4)
+    untouched = act(fresh("tiny", lora_rank=0, max_new_tokens=UNCONSTRAINED_TOKENS, init_seed=3), observations,
+                    BLACKJACK, seed=7)  # fmt: skip
+    assert [c.logprob for c in untouched] != pytest.approx([c.logprob for c in before], abs=1e-3)
+
+
 def test_load_overrides_saved_options(tmp_path):
     fresh("tiny", temperature=0.7).save(tmp_path / "policy")
     restored = VLMPolicy.load(tmp_path / "policy", temperature=1.0, prompt_style="action")
