@@ -434,7 +434,7 @@ def evaluate_pairs(model: RewardModel, pairs: Any, batch_size: int = 16) -> dict
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start : start + batch_size]
-            c, r = _score_pairs(model, batch)
+            c, r = score_pairs(model, batch)
             chosen.append(c)
             rejected.append(r)
     chosen_scores, rejected_scores = torch.cat(chosen), torch.cat(rejected)
@@ -445,7 +445,7 @@ def evaluate_pairs(model: RewardModel, pairs: Any, batch_size: int = 16) -> dict
     }
 
 
-def _score_pairs(model: RewardModel, batch: dict[str, list]) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(model: RewardModel, batch: dict[str, list]) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected scores of a batch (a dict of columns), in one forward pass of 2 x pairs rows."""
     count = len(batch["prompt"])
     scores = model.score(batch["images"] * 2, batch["prompt"] * 2, list(batch["chosen"]) + list(batch["rejected"]))
@@ -523,7 +523,7 @@ def train_reward_model(config: RewardTrainConfig, pairs: Any = None, log: Any = 
     for epoch in itertools.count() if config.max_steps is not None else range(config.epochs):
         order = training.shuffle(seed=config.seed + epoch)
         for first in range(0, len(order), config.batch_size):
-            chosen, rejected = _score_pairs(model, order[first : first + config.batch_size])
+            chosen, rejected = score_pairs(model, order[first : first + config.batch_size])
             loss = bradley_terry_loss(chosen, rejected, config.center_rewards_coefficient)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(

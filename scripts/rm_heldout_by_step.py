@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from rewards.reward_model import RewardModel, _score_pairs, load_pairs, split_pairs
+from rewards.reward_model import RewardModel, load_pairs, score_pairs, split_pairs
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     with torch.no_grad():
         for start in range(0, len(held_out), 16):
             batch = held_out[start : start + 16]
-            chosen, rejected = _score_pairs(model, batch)
+            chosen, rejected = score_pairs(model, batch)
             for step, correct in zip(batch["step"], (chosen > rejected).tolist()):
                 right[step].append(correct)
     table = {

@@ -226,9 +226,7 @@ def test_a_reward_model_starts_from_a_saved_policy_with_a_new_head(tmp_path):
         model = RewardModel.create(
             RewardModelConfig(model=str(tmp_path / "sft"), lora_rank=0, device="cpu", prompt_style="action")
         )
-    assert torch.equal(
-        model.policy.model.get_input_embeddings().weight, policy.model.get_input_embeddings().weight
-    )
+    assert torch.equal(model.policy.model.get_input_embeddings().weight, policy.model.get_input_embeddings().weight)
     fresh = RewardModel.create(tiny_config())
     assert [tuple(p.shape) for p in model.policy.value_head.parameters()] == [
         tuple(p.shape) for p in fresh.policy.value_head.parameters()
