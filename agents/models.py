@@ -15,7 +15,7 @@ tokenizer (``AutoProcessor`` would silently return a bare tokenizer for them, or
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -492,16 +492,17 @@ def resolve_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def check_model_source(name_or_path: str) -> None:
+def check_model_source(name_or_path: str, presets: Collection[str] = PRESETS) -> None:
     """Fail fast, with what to do, when ``name_or_path`` cannot be loaded from here.
 
-    A preset or an existing directory is fine. A hub id is fine when its config is in the local Hugging Face
+    A preset (of ``presets``: the policy presets unless the caller loads another kind of model) or an
+    existing directory is fine. A hub id is fine when its config is in the local Hugging Face
     cache or the Hub answers; otherwise (``HF_HUB_OFFLINE=1``, or no network) transformers would retry for
     half a minute before failing with an unhelpful message, so say now how to use a local copy instead.
     """
     from agents.errors import ConfigError
 
-    if name_or_path in PRESETS or Path(name_or_path).expanduser().exists():
+    if name_or_path in presets or Path(name_or_path).expanduser().exists():
         return
     parent = Path(name_or_path).expanduser().parent
     if (
@@ -510,7 +511,7 @@ def check_model_source(name_or_path: str) -> None:
         or parent.is_dir()
         and str(parent) != "."
     ):
-        raise ConfigError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory.")
+        raise ConfigError(f"{name_or_path!r} is neither a preset ({', '.join(presets)}) nor an existing directory.")
     from huggingface_hub import constants, try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):

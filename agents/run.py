@@ -152,8 +152,6 @@ class RunConfig:
 
     def validate(self) -> None:
         """Fail before any model loads, saying what to change. Subclasses extend it."""
-        import gymnasium as gym
-
         import envs
         from agents.models import PRESETS, check_model_source
 
@@ -163,14 +161,9 @@ class RunConfig:
             raise ConfigError(f"num_envs must be >= 1, got {self.num_envs}.")
         if not self.env_id:
             raise ConfigError("No environment: name an experiment (vlmrl train gridworld) or give --env-id.")
-        if self.env_id not in gym.registry:
-            raise ConfigError(
-                f"Unknown env_id {self.env_id!r}. Registered VLM environments: {', '.join(envs.language_env_ids())}. "
-                "A third-party env is registered by its own module: pass it with --env-module."
-            )
         try:
-            spec = envs.get_language(self.env_id)
-        except KeyError as error:
+            spec = envs.language_spec_of(self.env_id)
+        except ValueError as error:
             raise ConfigError(str(error.args[0])) from None
         if self.save_trajectories not in ("none", "all", "successes"):
             raise ConfigError(f"save_trajectories must be none, all or successes, got {self.save_trajectories!r}.")

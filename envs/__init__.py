@@ -52,6 +52,26 @@ def _register_all() -> None:
 
 _register_all()
 
+
+def check_registered(env_id: str) -> None:
+    """One ``ValueError`` listing the known ids when ``env_id`` is not registered with gymnasium (for checks
+    of what a user typed, before anything is built)."""
+    if env_id not in gym.registry:
+        raise ValueError(
+            f"Unknown env_id {env_id!r}. Registered VLM environments: {', '.join(language_env_ids())}. "
+            "A third-party env is registered by its own module: pass it with --env-module."
+        )
+
+
+def language_spec_of(env_id: str) -> LanguageSpec:
+    """The language spec of a registered env id, or one ``ValueError`` saying what is known."""
+    check_registered(env_id)
+    try:
+        return get_language(env_id)
+    except KeyError as error:
+        raise ValueError(str(error.args[0])) from None
+
+
 __all__ = [
     "VLMRL_ENV_IDS",
     "ImageTextObservation",
@@ -60,9 +80,11 @@ __all__ = [
     "ParsedAction",
     "build_prompt",
     "check_frame",
+    "check_registered",
     "format_answer",
     "get_language",
     "language_env_ids",
+    "language_spec_of",
     "parse_action",
     "register_language",
     "register_language_env",

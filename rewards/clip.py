@@ -172,7 +172,7 @@ def load_clip(name_or_path: str, seed: int = 0) -> tuple[Any, Any, Any]:
 
     from agents.models import check_model_source
 
-    check_model_source(name_or_path)
+    check_model_source(name_or_path, presets=(TINY_CLIP,))  # a policy preset ("tiny") is not a CLIP
     model = AutoModel.from_pretrained(name_or_path)
     if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
         raise ValueError(
@@ -365,6 +365,7 @@ def captioned_frames(
 
     import envs
 
+    envs.check_registered(env_id)
     env = gym.make(env_id, **(env_kwargs or {}))
     unwrapped = env.unwrapped
     try:

@@ -143,7 +143,7 @@ class RewardModel:
         if not saved.exists():
             raise ValueError(
                 f"{directory} is not a reward model directory (no {REWARD_MODEL_FILE}); train one with "
-                "`python -m rewards.reward_model train --pairs PAIRS --out DIR`."
+                "`vlmrl reward-model train --pairs PAIRS --out DIR`."
             )
         options = json.loads(saved.read_text())["config"]
         if device is not None:
@@ -267,10 +267,10 @@ def check_pairs(pairs: Any, name: str = "the pair set") -> Any:
     if missing:
         raise ValueError(
             f"{name} lacks column(s) {', '.join(missing)}; a preference set has {', '.join(PAIR_COLUMNS)} "
-            "(TRL's format). Build one from an env's expert with `python -m rewards.reward_model pairs`."
+            "(TRL's format). Build one from an env's expert with `vlmrl reward-model pairs`."
         )
     if len(pairs) == 0:
-        raise ValueError(f"{name} has no pairs; collect some (e.g. `python -m rewards.reward_model pairs`).")
+        raise ValueError(f"{name} has no pairs; collect some (e.g. `vlmrl reward-model pairs`).")
     return pairs
 
 
@@ -305,7 +305,7 @@ def expert_pairs(
 
     if states < 1:
         raise ValueError(f"states={states}: ask for at least one pair.")
-    spec = envs.get_language(env_id)
+    spec = envs.language_spec_of(env_id)
     if len(spec.action_names) < 2:
         raise ValueError(f"{env_id} has one action; a preference pair needs another action to reject.")
     env = gym.make(env_id, **(env_kwargs or {}))
@@ -646,7 +646,9 @@ def build_reward_model_reward(context: Any, options: dict[str, str]) -> RewardMo
 
     config = options_to(RewardModelRewardConfig, options, "rm")
     if not config.path:
-        raise ValueError("rm: say which reward model: rm:WEIGHT:path=DIR (a directory written by reward_model train).")
+        raise ValueError(
+            "rm: say which reward model: rm:WEIGHT:path=DIR (a directory written by `vlmrl reward-model train`)."
+        )
     if context.env_id is None:
         raise ValueError("rm: the reward set needs the env id (RewardContext(env_id=...)) to build prompts.")
     model = RewardModel.load(config.path, device=context.device)

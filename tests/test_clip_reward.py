@@ -243,3 +243,11 @@ def test_a_siglip_directory_works_too(tmp_path):
     result = rewards({"image": frames, "text": ("", "")}, completions, [{}, {}], env_rewards=np.zeros(2),
                      terminated=np.zeros(2, bool))  # fmt: skip
     assert result.total.shape == (2,) and np.all(result.total <= 1.0)
+
+
+def test_a_policy_preset_is_not_taken_for_a_clip():
+    from agents.errors import ConfigError
+    from rewards.clip import load_clip
+
+    with pytest.raises(ConfigError, match=r"'tiny' is neither a preset \(tiny-clip\)"):
+        load_clip("tiny")

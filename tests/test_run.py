@@ -334,6 +334,8 @@ def test_learning_rate_metric_is_the_rate_the_optimizer_used(tmp_path, monkeypat
             r"^vlmrl: error: --group-size 1: a group needs",
         ),
         (["eval", "/nonexistent/run"], "no such run"),
+        (["reward-model", "pairs", "--env-id", "vlmrl-test/Nope-v0", "--out", "RUN"], "Unknown env_id"),
+        (["clip-adapt", "vlmrl-test/Nope-v0", "--out", "RUN"], "Unknown env_id"),
     ],
 )
 def test_errors_after_start_up_are_one_line(tmp_path, monkeypatch, cli_fails, argv, message):
