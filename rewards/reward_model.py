@@ -677,8 +677,15 @@ class PairsConfig:
     env_kwargs: str = "{}"
     """Keyword arguments of ``gymnasium.make`` as JSON, e.g. ``'{"size": 4, "n_walls": 0}'`` (the GridWorld of
     ``experiments/gridworld.py``)."""
+    overwrite: bool = False
+    """Replace a pair set already at ``out`` (people's labels there, ``labels.jsonl``, would then label other
+    pairs); without it an existing set is refused."""
 
     def __post_init__(self) -> None:
+        if not self.overwrite and (Path(self.out) / "dataset_info.json").exists():
+            raise ValueError(
+                f"{self.out} already holds a pair set; choose another --out, or pass --overwrite to replace it."
+            )
         try:
             options = json.loads(self.env_kwargs)
         except json.JSONDecodeError as error:

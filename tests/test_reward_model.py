@@ -96,6 +96,12 @@ def test_pairs_command_takes_env_options(tmp_path):
     assert len(made) == 3 and made[0]["images"][0].size == (3 * 16, 3 * 16)  # 3 cells of 16 px
     with pytest.raises(ValueError, match=r"not JSON"):
         PairsConfig(out=str(tmp_path / "q"), env_kwargs="size=3")
+    # a second run into the same directory would re-point people's labels there at other pairs
+    with pytest.raises(ValueError, match=r"already holds a pair set.*--overwrite"):
+        PairsConfig(out=str(tmp_path / "p"))
+    main(["pairs", "--env-id", GRID, "--states", "2", "--env-kwargs", '{"size": 3, "n_walls": 0}',
+          "--out", str(tmp_path / "p"), "--overwrite"])  # fmt: skip
+    assert len(datasets.load_from_disk(str(tmp_path / "p"))) == 2
 
 
 def test_an_empty_or_malformed_pair_set_is_one_clear_message(tmp_path):
