@@ -343,6 +343,8 @@ class ClipAdaptConfig:
     """Seed of the episodes, the random actions, the batches and (``tiny-clip``) the initial weights."""
     device: str = "cpu"
     """Where to train."""
+    env_module: str | None = None
+    """Module to import first, for a third-party env that it registers (as ``vlmrl train --env-module``)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.random_action_probability <= 1.0:
@@ -442,6 +444,10 @@ def contrastive_loss(image_embeddings: torch.Tensor, caption_embeddings: torch.T
 def adapt_clip(config: ClipAdaptConfig, log: Any = print) -> dict[str, float]:
     """Fine-tune as ``config`` says, save to ``config.out``, and return the frame and caption counts and the
     first and last batch loss (and the mean of the first and last ten steps', which vary less)."""
+    if config.env_module:
+        from agents.run import import_env_module
+
+        import_env_module(config.env_module)
     frames, captions = captioned_frames(
         config.env_id, config.episodes, config.seed, config.captions, config.random_action_probability
     )

@@ -680,6 +680,8 @@ class PairsConfig:
     overwrite: bool = False
     """Replace a pair set already at ``out`` (people's labels there, ``labels.jsonl``, would then label other
     pairs); without it an existing set is refused."""
+    env_module: str | None = None
+    """Module to import first, for a third-party env that it registers (as ``vlmrl train --env-module``)."""
 
     def __post_init__(self) -> None:
         if not self.overwrite and (Path(self.out) / "dataset_info.json").exists():
@@ -701,6 +703,10 @@ def main(argv: list[str] | None = None) -> None:
 
     command = tyro.extras.subcommand_cli_from_dict({"train": RewardTrainConfig, "pairs": PairsConfig}, args=argv)
     if isinstance(command, PairsConfig):
+        if command.env_module:  # here, not in the config: its errors are then one line, not a parse failure
+            from agents.run import import_env_module
+
+            import_env_module(command.env_module)
         pairs = expert_pairs(
             command.env_id,
             command.states,

@@ -390,6 +390,26 @@ def test_a_third_party_env_trains_from_the_command_line(tmp_path, monkeypatch):
     assert set(steps["env_id"]) == {"mine/FrozenLake-v1"} and len(set(steps["episode_id"])) == 2
 
 
+@pytest.mark.parametrize("command", ["reward-model pairs --env-id", "clip-adapt"])
+def test_pairs_and_clip_adapt_find_a_third_party_env_by_its_module(tmp_path, monkeypatch, cli_fails, command):
+    module = f"lake_for_{command.split()[0].replace('-', '_')}"  # imported by this test alone
+    (tmp_path / f"{module}.py").write_text(
+        textwrap.dedent(
+            f"""
+            import envs
+            envs.register_language_env(
+                "mine/{module}-v1", "FrozenLake-v1", envs.LanguageSpec("Walk.", ("left", "down", "right", "up")),
+            )
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = [*command.split(), f"mine/{module}-v1", "--out", str(tmp_path / "out")]
+    cli_fails(argv, "Unknown env_id .*--env-module")
+    # Found once its module is imported; FrozenLake has no scripted expert, which is what they then say.
+    cli_fails([*argv, "--env-module", module], "no scripted expert|no expert_rationale")
+
+
 # --- gradient checkpointing ---------------------------------------------------------------------------------------
 
 
