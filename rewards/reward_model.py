@@ -684,10 +684,6 @@ class PairsConfig:
     """Module to import first, for a third-party env that it registers (as ``vlmrl train --env-module``)."""
 
     def __post_init__(self) -> None:
-        if not self.overwrite and (Path(self.out) / "dataset_info.json").exists():
-            raise ValueError(
-                f"{self.out} already holds a pair set; choose another --out, or pass --overwrite to replace it."
-            )
         try:
             options = json.loads(self.env_kwargs)
         except json.JSONDecodeError as error:
@@ -703,7 +699,12 @@ def main(argv: list[str] | None = None) -> None:
 
     command = tyro.extras.subcommand_cli_from_dict({"train": RewardTrainConfig, "pairs": PairsConfig}, args=argv)
     if isinstance(command, PairsConfig):
-        if command.env_module:  # here, not in the config: its errors are then one line, not a parse failure
+        # Checked here rather than in the config, so that the command line reports them in one line.
+        if not command.overwrite and (Path(command.out) / "dataset_info.json").exists():
+            raise ValueError(
+                f"{command.out} already holds a pair set; choose another --out, or pass --overwrite to replace it."
+            )
+        if command.env_module:
             from agents.run import import_env_module
 
             import_env_module(command.env_module)

@@ -98,7 +98,7 @@ def test_pairs_command_takes_env_options(tmp_path):
         PairsConfig(out=str(tmp_path / "q"), env_kwargs="size=3")
     # a second run into the same directory would re-point people's labels there at other pairs
     with pytest.raises(ValueError, match=r"already holds a pair set.*--overwrite"):
-        PairsConfig(out=str(tmp_path / "p"))
+        main(["pairs", "--env-id", GRID, "--states", "2", "--out", str(tmp_path / "p")])
     main(["pairs", "--env-id", GRID, "--states", "2", "--env-kwargs", '{"size": 3, "n_walls": 0}',
           "--out", str(tmp_path / "p"), "--overwrite"])  # fmt: skip
     assert len(datasets.load_from_disk(str(tmp_path / "p"))) == 2
