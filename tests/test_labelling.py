@@ -116,7 +116,7 @@ def test_labelling_in_a_browser(tmp_path):
     from pathlib import Path
 
     sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[browser]')"
+        "playwright.sync_api", reason="playwright is not installed (bash scripts/setup.sh, or pip install -e '.[dev]')"
     )
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no browser at {CHROMIUM} (Debian: apt-get install chromium)")
